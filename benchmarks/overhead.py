@@ -511,8 +511,8 @@ def wait_http(port: int, path: str, timeout: float, proc: subprocess.Popen[bytes
     return False
 
 
-def proc_tree_cpu_s(pid: int) -> float:
-    """utime + stime of `pid` and its descendants, in seconds."""
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (ppid, utime + stime in seconds) for every process, from /proc."""
     stats: dict[int, tuple[int, float]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -523,13 +523,28 @@ def proc_tree_cpu_s(pid: int) -> float:
         except OSError:
             continue
         stats[int(entry)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / CLK_TCK)
-    total, todo = 0.0, [pid]
+    return stats
+
+
+def proc_tree(pid: int, stats: dict[int, tuple[int, float]] | None = None) -> list[int]:
+    """`pid` and its descendants (kvlens' analysis process is a grandchild, via multiprocessing's forkserver)."""
+    stats = _proc_table() if stats is None else stats
+    found, todo = [], [pid]
     while todo:
         p = todo.pop()
         if p in stats:
-            total += stats[p][1]
+            found.append(p)
         todo.extend(c for c, (ppid, _) in stats.items() if ppid == p)
-    return total
+    return found
+
+
+def proc_tree_cpu_s(pid: int) -> tuple[float, float]:
+    """(utime + stime of `pid` itself, of its descendants), in seconds: the relay's process, and the rest
+    (kvlens' analysis process)."""
+    stats = _proc_table()
+    tree = proc_tree(pid, stats)
+    own = stats[pid][1] if pid in stats else 0.0
+    return own, sum(stats[p][1] for p in tree if p != pid)
 
 
 def start_kvlens(name: str, up_port: int, tmp: Path, env: dict[str, str], log: Any) -> Arm:
@@ -649,7 +664,9 @@ def focus(arms: list[Arm], arm: Arm | None) -> None:
     takes CPU from another arm's run; the measured one continues (SIGCONT) with its backlog."""
     for other in arms:
         if other.kvlens and other.proc is not None and other.proc.poll() is None:
-            other.proc.send_signal(signal.SIGCONT if other is arm else signal.SIGSTOP)
+            for pid in proc_tree(other.proc.pid):  # the analysis process too
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT if other is arm else signal.SIGSTOP)
 
 
 def kvlens_analysis_state(arm: Arm) -> dict[str, float]:
@@ -691,10 +708,10 @@ def stop(arm: Arm) -> None:
 def wait_quiet(pids: list[int], limit: float) -> float:
     """Until all of `pids` together use under 5% of a core over 0.2 s (an analysis backlog draining)."""
     start = time.monotonic()
-    before = sum(proc_tree_cpu_s(p) for p in pids)
+    before = sum(sum(proc_tree_cpu_s(p)) for p in pids)
     while time.monotonic() - start < limit:
         time.sleep(0.2)
-        after = sum(proc_tree_cpu_s(p) for p in pids)
+        after = sum(sum(proc_tree_cpu_s(p)) for p in pids)
         if after - before <= 0.01:
             break
         before = after
@@ -711,7 +728,9 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def summarise(res: dict[str, Any], cpu_s: float | None) -> dict[str, Any]:
+def summarise(res: dict[str, Any], cpu_s: float | None, children_cpu_s: float | None) -> dict[str, Any]:
+    """One run's figures; CPU is the arm's whole process tree, `children_cpu_s` the part of it outside the
+    main process (nginx's worker, kvlens' analysis process)."""
     lat, ttft, ev = res["latency_ms"], res["ttft_ms"], res["event_delay_ms"]
     n = len(lat)
     return {
@@ -723,6 +742,8 @@ def summarise(res: dict[str, Any], cpu_s: float | None) -> dict[str, Any]:
         "coalesced_reads": res["coalesced_reads"],
         "rps": res["completed"] / res["elapsed_s"] if n else 0.0,
         "cpu_ms_per_req": cpu_s * 1000 / res["completed"] if (cpu_s is not None and res["completed"]) else None,
+        "children_cpu_ms_per_req": (children_cpu_s * 1000 / res["completed"]
+                                    if (children_cpu_s is not None and res["completed"]) else None),
     }  # fmt: skip
 
 
@@ -743,7 +764,7 @@ def aggregate(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
                     continue
                 row: dict[str, Any] = {}
                 for key in ("p50", "p99", "mean", "ttft_p50", "ttft_p99", "event_p50", "event_p99", "event_max",
-                            "rps", "cpu_ms_per_req"):
+                            "rps", "cpu_ms_per_req", "children_cpu_ms_per_req"):
                     row[key] = med([r[key] for r in mine])
                     row[key + "_runs"] = [r[key] for r in mine]
                 for key in ("p50", "p99", "ttft_p50", "ttft_p99"):
@@ -779,6 +800,13 @@ def table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def cpu_cell(r: dict[str, Any]) -> str:
+    """CPU per request of the arm's process tree, and in brackets the part outside its main process
+    (kvlens: the analysis process; nginx: its worker)."""
+    children = r.get("children_cpu_ms_per_req")
+    return fmt(r["cpu_ms_per_req"], 3) + (f" ({fmt(children, 3)})" if children else "")
+
+
 def report(agg: dict[str, Any], arms: list[str]) -> tuple[str, list[dict[str, Any]]]:
     def get(mode: str, c: int, arm: str) -> dict[str, Any] | None:
         return agg.get(f"{mode}|{c}|{arm}")
@@ -793,9 +821,9 @@ def report(agg: dict[str, Any], arms: list[str]) -> tuple[str, list[dict[str, An
             added = arm != "direct"
             rows.append([arm, str(c), fmt(r["p50"]), fmt(r["p99"]), fmt(r["added_p50"]) if added else "",
                          fmt(r["added_p99"]) if added else "", f"{r['rps']:.0f}",
-                         fmt(r["cpu_ms_per_req"], 3), str(r["errors"])])
+                         cpu_cell(r), str(r["errors"])])
     out.append("Non-streamed (1 KB JSON answer): latency ms, added = arm - direct (median of repeats)")
-    out.append(table(["arm", "c", "p50", "p99", "added p50", "added p99", "req/s", "CPU ms/req", "errors"], rows))
+    out.append(table(["arm", "c", "p50", "p99", "added p50", "added p99", "req/s", "CPU ms/req (children)", "errors"], rows))
     rows = []
     for c in CONCURRENCY:
         for arm in arms:
@@ -807,23 +835,23 @@ def report(agg: dict[str, Any], arms: list[str]) -> tuple[str, list[dict[str, An
                          fmt(r["added_ttft_p99"]) if added else "", fmt(r["added_p50"]) if added else "",
                          fmt(r["event_p50"]), fmt(r["event_p99"]),
                          f"{r['coalesced_reads']}/{r['events']}", f"{r['rps']:.1f}",
-                         fmt(r["cpu_ms_per_req"], 3), str(r["errors"])])
+                         cpu_cell(r), str(r["errors"])])
     out.append("")
     out.append(f"Streamed ({EVENTS} events {PACE_MS:.0f} ms apart): TTFT and per-event delay (upstream write -> "
                "client read) in ms; coalesced = reads with >1 event / events")
     out.append(table(["arm", "c", "TTFT p50", "TTFT added p50", "TTFT added p99", "stream added p50",
-                      "event p50", "event p99", "coalesced", "streams/s", "CPU ms/req", "errors"], rows))
+                      "event p50", "event p99", "coalesced", "streams/s", "CPU ms/req (children)", "errors"], rows))
     rows = []
     for arm in arms:
         r = get("paced", 1, arm)
         if r is not None:
             added = arm != "direct"
             rows.append([arm, fmt(r["p50"]), fmt(r["p99"]), fmt(r["added_p50"]) if added else "",
-                         fmt(r["added_p99"]) if added else "", fmt(r["cpu_ms_per_req"], 3), str(r["errors"])])
+                         fmt(r["added_p99"]) if added else "", cpu_cell(r), str(r["errors"])])
     if rows:
         out.append("")
         out.append(f"Paced (non-streamed, c=1, one request every {PACED_S * 1000:.0f} ms: the analysis keeps up)")
-        out.append(table(["arm", "p50", "p99", "added p50", "added p99", "CPU ms/req", "errors"], rows))
+        out.append(table(["arm", "p50", "p99", "added p50", "added p99", "CPU ms/req (children)", "errors"], rows))
     rows = []
     for mode in MODES:
         for c in CONCURRENCY:
@@ -982,8 +1010,11 @@ def main() -> None:
             cmd = {"host": "127.0.0.1", "port": arm.port, "path": arm.path, "mode": mode, "concurrency": c,
                    "duration": dur, "grace": 30.0, "tag": tag, "interval": interval}
             res = client.run(cmd)
-            cpu = proc_tree_cpu_s(arm.proc.pid) - cpu0 if cpu0 is not None else None
-            return summarise(res, cpu)
+            cpu1 = proc_tree_cpu_s(arm.proc.pid) if arm.proc is not None else None
+            if cpu0 is None or cpu1 is None:
+                return summarise(res, None, None)
+            own, children = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+            return summarise(res, own + children, children)
 
         runs: list[dict[str, Any]] = []
         step = 0

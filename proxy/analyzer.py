@@ -45,6 +45,7 @@ COMPLETION_PATHS = frozenset(
     {"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions", "/completion"}
 )
 MIN_SHARED_PREFIX = 64  # below one block, a prefix shared with an unrelated prompt is BOS/template noise
+SKIPPED_QUEUE_FULL = "analysis skipped: the analysis queue was full"
 USER_MARKERS = ("<|im_start|>user",)  # ChatML (Qwen, the emulator); where user messages start
 TOOL_RESPONSE_AFTER_MARKER = "\n<tool_response>"  # ChatML tool results also open a "user" turn
 
@@ -91,8 +92,8 @@ class Analyzer:
             self._queue.put_nowait(exchange)
         except queue.Full:  # analysis is behind: keep the record, skip its analysis
             self.skipped += 1
-            exchange.analysis = {"error": "analysis skipped: the analysis queue was full"}
-            self.store.submit(exchange)
+            exchange.analysis = {"error": SKIPPED_QUEUE_FULL}
+            self.store_records([exchange])
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kvlens-analyzer", daemon=True)
@@ -111,8 +112,8 @@ class Analyzer:
                 leftover = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if leftover is not None:
-                self.store.submit(leftover)
+            if isinstance(leftover, Exchange):
+                self.store_records([leftover])
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far is analysed and stored (tests, shutdown)."""
@@ -127,13 +128,13 @@ class Analyzer:
             try:
                 item = self._queue.get(timeout=self.findings.due())
             except queue.Empty:  # nothing arrived while a failure's records were held: write them
-                self._store(self.findings.expire())
+                self.store_records(self.findings.expire())
                 continue
             if item is None:
-                self._store(self.findings.drain())
+                self.store_records(self.findings.drain())
                 return
             if isinstance(item, _Marker):
-                self._store(self.findings.drain())
+                self.store_records(self.findings.drain())
                 item.done.set()
                 continue
             self.analyse_and_store(item)
@@ -158,9 +159,10 @@ class Analyzer:
         except Exception:  # a finding bug must cost the finding, never the record
             log.exception("findings for %s failed", exchange.id)
             ready = [exchange]
-        self._store(ready)
+        self.store_records(ready)
 
-    def _store(self, exchanges: list[Exchange]) -> None:
+    def store_records(self, exchanges: list[Exchange]) -> None:
+        """To the store, without the bodies unless capture.bodies (the analysis needed them, the user may not)."""
         for exchange in exchanges:
             if not self.settings.capture_bodies:
                 exchange.request_body = exchange.response_body = None

@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any
 
+from proxy.analysis_process import AnalysisProcess
 from proxy.analyzer import Analyzer
 from proxy.api import PREFIX, create_api
 from proxy.config import Settings
@@ -34,7 +35,7 @@ class KvlensApp:
         self._owns_store = store is None
         self.store: Store = store if store is not None else open_store(settings.store_path or default_db_path())
         self.metrics = Metrics()
-        self.analyzer = Analyzer(settings, self.store, metrics=self.metrics) if settings.analysis_enabled else None
+        self.analyzer = _analyzer(settings, self.store, self.metrics)
         self.metrics.watch(store=self.store, analyzer=self.analyzer)
         self.forwarder = Forwarder(settings, on_done=self.record)
         self.gate = Gate(settings) if Gate.wanted(settings) else None  # limits / admission control
@@ -110,6 +111,15 @@ class KvlensApp:
                     self.store.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _analyzer(settings: Settings, store: Store, metrics: Metrics) -> Analyzer | AnalysisProcess | None:
+    """The analysis in a child process by default (see proxy.analysis_process), in a thread when asked."""
+    if not settings.analysis_enabled:
+        return None
+    if settings.analysis_isolation == "process":
+        return AnalysisProcess(settings, store, metrics=metrics)
+    return Analyzer(settings, store, metrics=metrics)
 
 
 def create_app(settings: Settings, store: Store | None = None) -> KvlensApp:

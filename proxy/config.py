@@ -72,6 +72,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("analysis.max_conversations", 1000, "Conversations whose last request is kept for comparison."),
     Setting("analysis.queue", 10_000, "Finished requests waiting for analysis; beyond it they are stored unanalysed."),
     Setting(
+        "analysis.isolation",
+        "process",
+        "Where the analysis runs: process (a child process at low CPU priority, so it never holds the relay's "
+        "GIL) or thread (inside the proxy process; for debugging).",
+    ),
+    Setting(
         "server.memory",
         "plain",
         "The upstream model's KV memory: plain, swa (sliding window: gpt-oss, Gemma) or hybrid (Qwen3.5/3.6, "
@@ -166,6 +172,7 @@ class Settings:
     analysis_max_tokens: int = 10_000_000
     analysis_max_conversations: int = 1000
     analysis_queue: int = 10_000
+    analysis_isolation: str = "process"
     server_memory: str = "plain"
     server_swa_window: int = 128
     server_swa_full: bool = False
@@ -310,6 +317,8 @@ def _build(values: dict[str, Any]) -> Settings:
     _split_listen(settings.listen)
     if not settings.upstream_url.startswith(("http://", "https://")):
         raise ConfigError(f"upstream.url must start with http:// or https://, got {settings.upstream_url!r}")
+    if settings.analysis_isolation not in ("process", "thread"):
+        raise ConfigError(f"analysis.isolation must be process or thread, got {settings.analysis_isolation!r}")
     if settings.server_memory not in ("plain", "swa", "hybrid"):
         raise ConfigError(f"server.memory must be plain, swa or hybrid, got {settings.server_memory!r}")
     if settings.limits_action not in LIMIT_ACTIONS:

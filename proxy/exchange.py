@@ -29,6 +29,7 @@ ERROR_DIED_MIDSTREAM = "upstream_died_midstream"  # connection closed before the
 ERROR_CLIENT_DISCONNECTED = "client_disconnected"
 ERROR_CLIENT_BODY = "client_body_error"  # the client's request body could not be read
 ERROR_INTERNAL = "proxy_internal"
+ERROR_PROXY_SHUTDOWN = "proxy_shutdown"  # kvlens stopped (SIGTERM) and its grace period ended mid-response
 # kvlens answered itself and the request never reached the upstream (proxy.limits, proxy.admission).
 ERROR_LIMIT_EXCEEDED = "limit_exceeded"  # over a configured context/input/output limit (HTTP 400)
 ERROR_LIMIT_UNCOUNTABLE = "limit_uncountable"  # a limit applies and the body cannot be counted (HTTP 400)

@@ -141,8 +141,10 @@ def message_fields(msg: dict[str, Any]) -> dict[str, str]:
     if _reasoning(msg):
         out["reasoning_content"] = _reasoning(msg)
     out["content"] = content_text(msg.get("content"))
-    for k, call in enumerate(msg.get("tool_calls") or []):
+    calls = msg.get("tool_calls")
+    for k, call in enumerate(calls if isinstance(calls, list) else []):
         fn = call.get("function", call) if isinstance(call, dict) else {}
+        fn = fn if isinstance(fn, dict) else {}
         out[f"tool_calls[{k}].function.name"] = str(fn.get("name", ""))
         out[f"tool_calls[{k}].function.arguments"] = _args_text(fn.get("arguments"))
         if isinstance(call, dict) and call.get("id"):
@@ -213,8 +215,7 @@ def locate_body_divergence(prev_body: dict, body: dict) -> Divergence | None:
             at = _lcp(a, b)
             return Divergence("body", None, None, "prompt", at, None, _snip(a, at), _snip(b, at))
         return _option_divergence(prev_body, body)
-    old = [m for m in old or [] if isinstance(m, dict)]
-    new = [m for m in new or [] if isinstance(m, dict)]
+    old, new = _message_dicts(old), _message_dicts(new)
     n_system = next((i for i, m in enumerate(new) if m.get("role") not in SYSTEM_ROLES), len(new))
     for i in range(n_system):
         found = _message_divergence(old, new, i)
@@ -576,7 +577,7 @@ def _explain_chain(ev: Evidence) -> tuple[Divergence, list[Cause]]:
     turn, prev = ev.turn, ev.predecessor
     held = held_body(prev)
     reply = reply_message(prev.exchange)
-    ctx = _Ctx(ev, held, [m for m in held.get("messages") or [] if isinstance(m, dict)], turn.messages,
+    ctx = _Ctx(ev, held, _message_dicts(held.get("messages")), turn.messages,
                len(prev.messages) if reply else None, _lost_phrase(ev), client_of(turn))
     div = locate_body_divergence(held, turn.body or {})
     causes = _body_causes(div, ctx) if div else []
@@ -606,3 +607,8 @@ def _append_only(ev: Evidence, ctx: _Ctx) -> Cause:
     if ev.common_prefix is not None and held_n is not None and ev.common_prefix < held_n:
         reuse += f"; re-tokenising the reply diverged {held_n - ev.common_prefix} token(s) before its end (normal)"
     return make("append_only", prev=ev.predecessor.id[:12], added=what, reuse=reuse)
+
+
+def _message_dicts(messages: Any) -> list[dict[str, Any]]:
+    """The messages of a body as the analysis reads them: a client may send anything under the key."""
+    return [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []

@@ -107,6 +107,7 @@ class Forwarder:
         self.settings = settings
         self.on_done = on_done
         self._base_path = urlsplit(settings.upstream_url).path.rstrip("/").encode("latin-1")
+        self._upstream_shown = without_credentials(settings.upstream_url)
         self._pool: _Pool | None = None
         self.gate: Any = None
         """`proxy.limits.Gate` when limits or admission control are configured (set by the app), else None:
@@ -125,7 +126,7 @@ class Forwarder:
         assert self._pool is not None, "Forwarder.start() was not awaited"
         t0 = time.perf_counter()
         ex = _new_exchange(scope, self.settings)
-        ex.upstream = self.settings.upstream_url
+        ex.upstream = self._upstream_shown
         relay = _Relay(self, scope, receive, send, ex, t0)
         try:
             await relay.run()
@@ -175,8 +176,10 @@ class _Relay:
         try:
             await self._exchange()
         except (asyncio.CancelledError, _ClientGone) as exc:
-            if not self.client_gone.is_set():
-                raise  # server shutdown, not our disconnect watcher
+            if not self.client_gone.is_set():  # not our disconnect watcher: the server is stopping
+                self._fail(ex_mod.ERROR_PROXY_SHUTDOWN,
+                           "kvlens was stopping and its shutdown grace period ended before the response did")
+                raise
             if isinstance(exc, asyncio.CancelledError):
                 task.uncancel()
             self._fail(ex_mod.ERROR_CLIENT_DISCONNECTED, "the client closed the connection")
@@ -366,7 +369,7 @@ class _Pool:
         parts = urlsplit(url)
         secure = parts.scheme.lower() == "https"
         self.loop = loop
-        self.url = url
+        self.url = without_credentials(url)  # the URL in error messages: clients and records never see a password
         self.host = parts.hostname or "localhost"
         self.port = parts.port or (443 if secure else 80)
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if secure else None
@@ -725,6 +728,14 @@ class _Upstream(asyncio.Protocol):
 
 
 # ---- requests, headers, records ------------------------------------------------------------------------
+
+
+def without_credentials(url: str) -> str:
+    """The URL without a user:password part (records, error messages and logs show this one)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _request_head(scope: Scope, target: bytes, host: bytes, body: bytes | AsyncIterator[bytes] | None) -> bytes:

@@ -122,7 +122,8 @@ def test_analysis_of_a_real_opencode_session(emulator: str, tmp_path: Path, caps
 
 
 def test_analysis_failure_never_loses_the_record(emulator: str, tmp_path: Path) -> None:
-    with kvlens(emulator, tmp_path / "k.sqlite3") as (url, app):
+    # The analysis runs in this process (isolation=thread) so that the test can break one of its steps.
+    with kvlens(emulator, tmp_path / "k.sqlite3", analysis_isolation="thread") as (url, app):
         assert isinstance(app, KvlensApp) and app.analyzer is not None
 
         def broken(*_: Any) -> Any:

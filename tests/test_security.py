@@ -17,7 +17,7 @@ import pytest
 from proxy import cli
 from proxy.config import load_settings
 from proxy.store import SQLiteStore
-from tests.servers import serve_in_thread
+from tests.servers import free_port, serve_in_thread
 from tests.test_forward import kvlens, records
 from tests.upstreams import ScriptedUpstream
 
@@ -112,14 +112,20 @@ def test_health_never_shows_a_password_in_the_upstream_url(upstream: str, tmp_pa
     assert health["upstream"] == upstream and "SECRET" not in str(health)
 
 
-@pytest.mark.xfail(strict=True, reason="proxy/forward.py copies settings.upstream_url into every record as is: "
-                   "it should strip the URL's user:password (proposed change in the issue note)")
 def test_records_never_keep_a_password_from_the_upstream_url(upstream: str, tmp_path: Path) -> None:
     with_password = upstream.replace("http://", "http://kvlens:SECRET-six@")
     with kvlens(with_password, tmp_path / "k.sqlite3") as (url, app):
-        httpx.get(url + "/v1/models")
+        assert httpx.get(url + "/v1/models").status_code == 200
         [rec] = records(app)
-    assert "SECRET" not in rec.upstream
+    assert rec.upstream == upstream
+
+
+def test_errors_never_show_a_password_from_the_upstream_url(tmp_path: Path) -> None:
+    with kvlens(f"http://kvlens:SECRET-seven@127.0.0.1:{free_port()}", tmp_path / "k.sqlite3") as (url, app):
+        r = httpx.get(url + "/v1/models")  # nothing listens there: kvlens answers 502 naming the upstream
+        [rec] = records(app)
+    assert r.status_code == 502 and "cannot connect to upstream http://127.0.0.1:" in r.text
+    assert "SECRET" not in r.text and rec.error is not None and "SECRET" not in rec.error.message
 
 
 # ---- the API token -------------------------------------------------------------------------------

@@ -102,12 +102,16 @@ def _arguments(raw: Any) -> str:
     return tojson(raw if raw is not None else {})
 
 
-def _tool_calls(calls: Sequence[Any], content: str) -> str:
+def _tool_calls(calls: Any, content: str) -> str:
+    if not isinstance(calls, Sequence) or isinstance(calls, str):
+        raise TemplateError("tool_calls must be an array")
     out = []
     for i, call in enumerate(calls):
         if not isinstance(call, Mapping):
             raise TemplateError("tool_calls entries must be objects")
         fn = call.get("function", call)
+        if not isinstance(fn, Mapping):
+            raise TemplateError("a tool call's function must be an object")
         if (i == 0 and content) or i > 0:
             out.append("\n")
         out.append(f'<tool_call>\n{{"name": "{fn.get("name", "")}", "arguments": {_arguments(fn.get("arguments"))}}}'
@@ -156,6 +160,8 @@ def render(messages: Sequence[Any], tools: Sequence[Any] | None, options: Templa
         raise TemplateError("'messages' must be a non-empty array")
     if not all(isinstance(m, Mapping) for m in messages):
         raise TemplateError("each message must be an object")
+    if tools and (not isinstance(tools, Sequence) or isinstance(tools, str)):
+        raise TemplateError("'tools' must be an array")
     tools = list(tools or [])
     parts = [_system_block(messages, tools)]
     user_starts: list[int] = []
