@@ -1,7 +1,7 @@
 """Bounded memory over a long run: 10,000 requests with 50k-token prompts through kvlens and its analysis.
 
-`kvlens serve` runs as a subprocess (its RSS is what is measured: /proc/PID/status VmRSS sampled twice a
-second, VmHWM at the end) in front of a stub llama-server, also a subprocess, that answers the calls
+`kvlens serve` runs as a subprocess (its RSS is what is measured, with its analysis process's: the sum of
+/proc/PID/status VmRSS over the process tree sampled twice a second, and each process's VmHWM at the end) in front of a stub llama-server, also a subprocess, that answers the calls
 the analysis makes the way llama-server does (`/apply-template`, `/tokenize` with pieces, `/props`,
 `/health`) and the chat requests themselves, cheaply: one token per word, so a 50k-token prompt costs
 the stub milliseconds, not the emulator's seconds. Everything kvlens does is real: relay, body capture,
@@ -156,6 +156,33 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants: the proxy, multiprocessing's forkserver and the analysis process."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(c for c, parent in parents.items() if parent == p)
+    return found
+
+
+def tree_rss_kib(pid: int) -> int:
+    total = 0
+    for p in tree(pid):
+        try:
+            total += rss_kib(p)
+        except OSError:
+            pass
+    return total
+
+
 def wait_up(url: str, proc: subprocess.Popen[Any]) -> None:
     deadline = time.monotonic() + 30
     while True:
@@ -207,12 +234,12 @@ def main() -> None:
     try:
         wait_up(f"http://127.0.0.1:{stub_port}/health", stub)
         wait_up(url + "/_kvlens/health", kvlens)
-        baseline = rss_kib(kvlens.pid)
+        baseline = tree_rss_kib(kvlens.pid)
         t0 = time.monotonic()
 
         def sample() -> None:
             while not stop.is_set():
-                samples.append((time.monotonic() - t0, done[0], rss_kib(kvlens.pid)))
+                samples.append((time.monotonic() - t0, done[0], tree_rss_kib(kvlens.pid)))
                 stop.wait(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -235,8 +262,9 @@ def main() -> None:
         t_all = time.monotonic() - t0
         stop.set()
         sampler.join()
-        peak = rss_kib(kvlens.pid, "VmHWM")
-        final = rss_kib(kvlens.pid)
+        peaks = {p: (rss_kib(p, "VmHWM"), Path(f"/proc/{p}/cmdline").read_bytes()[:60]) for p in tree(kvlens.pid)}
+        peak = max(s[2] for s in samples)
+        final = tree_rss_kib(kvlens.pid)
         health = httpx.get(url + "/_kvlens/health").json()
         metrics = httpx.get(url + "/_kvlens/metrics").text
     finally:
@@ -248,8 +276,11 @@ def main() -> None:
         tmp.cleanup()
 
     print(f"sent in {t_sent:.0f} s ({args.requests / t_sent:.1f} requests/s); analysed and stored after {t_all:.0f} s")
-    print(f"kvlens RSS: start {baseline / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB (VmHWM), "
-          f"end {final / 1024:.0f} MiB")
+    print(f"kvlens RSS, all its processes together: start {baseline / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB "
+          f"(sampled), end {final / 1024:.0f} MiB")
+    for p, (hwm, cmd) in peaks.items():
+        name = cmd.replace(bytes(1), b" ").decode(errors="replace")
+        print(f"  pid {p} peak {hwm / 1024:.0f} MiB (VmHWM): {name}")
     for mark in (0.1, 0.25, 0.5, 0.75, 1.0):
         target = int(args.requests * mark)
         at = next((s for s in samples if s[1] >= target), samples[-1])

@@ -72,6 +72,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("analysis.max_conversations", 1000, "Conversations whose last request is kept for comparison."),
     Setting("analysis.queue", 10_000, "Finished requests waiting for analysis; beyond it they are stored unanalysed."),
     Setting(
+        "analysis.queue_mib",
+        256,
+        "Request and response bytes waiting for analysis, at most (MiB); beyond it requests are stored unanalysed.",
+    ),
+    Setting(
         "analysis.isolation",
         "process",
         "Where the analysis runs: process (a child process at low CPU priority, so it never holds the relay's "
@@ -172,6 +177,7 @@ class Settings:
     analysis_max_tokens: int = 10_000_000
     analysis_max_conversations: int = 1000
     analysis_queue: int = 10_000
+    analysis_queue_mib: int = 256
     analysis_isolation: str = "process"
     server_memory: str = "plain"
     server_swa_window: int = 128

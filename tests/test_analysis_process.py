@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from proxy.analysis_process import AnalysisProcess
@@ -88,8 +89,10 @@ def test_an_exchange_that_cannot_be_pickled_is_stored_unanalysed(tmp_path: Path)
     assert analysis.skipped == 1 and analysis.pending == 0
 
 
-def test_a_full_queue_stores_unanalysed_and_counts(emulator: str, tmp_path: Path) -> None:
-    with kvlens(emulator, tmp_path / "k.sqlite3", analysis_queue=0) as (url, app):
+@pytest.mark.parametrize("bound", [{"analysis_queue": 0}, {"analysis_queue_mib": 0}])
+def test_a_full_queue_stores_unanalysed_and_counts(emulator: str, tmp_path: Path, bound: dict[str, int]) -> None:
+    """The queue to the analysis is bounded in requests and in bytes (50k-token prompts are ~200 KB each)."""
+    with kvlens(emulator, tmp_path / "k.sqlite3", **bound) as (url, app):
         with httpx.Client(timeout=30) as client:
             for i in range(3):
                 assert client.post(url + CHAT, json=chat(f"q{i}")).status_code == 200
@@ -113,6 +116,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids):
+        assert time.monotonic() < deadline, [p for p in pids if _alive(p)]
+        time.sleep(0.05)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
 def test_the_analysis_process_never_outlives_kvlens(emulator: str, tmp_path: Path) -> None:
     """kill -9 of `kvlens serve`: its analysis child (forked by multiprocessing's forkserver) goes too."""
@@ -123,7 +133,78 @@ def test_the_analysis_process_never_outlives_kvlens(emulator: str, tmp_path: Pat
         assert len(descendants) >= 2, descendants  # the forkserver and the analysis process
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        deadline = time.monotonic() + 10
-        while any(_alive(p) for p in descendants):
-            assert time.monotonic() < deadline, [p for p in descendants if _alive(p)]
+        _wait_gone(descendants)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
+def test_ctrl_c_stops_kvlens_and_its_analysis_cleanly(emulator: str, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, the analysis process included: it must
+    leave the shutdown to the proxy, which analyses what was queued, stores it, and exits 0 with nothing
+    alarming on stderr (no traceback, no leaked-semaphore warning from multiprocessing)."""
+    import subprocess
+    import sys
+
+    from tests.servers import free_port
+
+    db = tmp_path / "k.sqlite3"
+    port = free_port()
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--upstream", emulator, "--listen", f"127.0.0.1:{port}", "--db", str(db)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/_kvlens/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "kvlens did not come up"
             time.sleep(0.05)
+        with httpx.Client(timeout=30) as client:
+            for i in range(5):
+                assert client.post(url + CHAT, json=chat(f"before ctrl-c {i}")).status_code == 200
+        descendants = _children(proc.pid)
+        descendants += [g for c in descendants for g in _children(c)]
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "leaked" not in err and "Warning" not in err, err
+    _wait_gone(descendants)
+    stored = list(SQLiteStore(db).iter_exchanges())
+    assert len(stored) == 5 and all(x.analysis and x.analysis.get("prompt_tokens") for x in stored)
+
+
+def test_close_with_a_backlog_stores_every_record(tmp_path: Path) -> None:
+    """Shutdown with more queued than the analysis can do before its deadline: the child is told to hurry
+    and sends the rest back unanalysed, and whatever it never received is stored here; nothing is lost."""
+    from proxy.analysis_process import SKIPPED_SHUTDOWN
+
+    settings = load_settings(environ={}, overrides={"upstream_url": "http://127.0.0.1:9"})  # local tokenizer
+    store = SQLiteStore(tmp_path / "k.sqlite3")
+    analysis = AnalysisProcess(settings, store)
+    analysis.start()
+    n = 400
+    try:
+        for i in range(n):
+            body = {"messages": [{"role": "user", "content": f"request {i} " + "lorem ipsum dolor " * 800}]}
+            analysis.submit(Exchange(method="POST", path=CHAT, status=200, request_body=orjson.dumps(body),
+                                     session=f"s{i % 7}"))  # fmt: skip
+        analysis.close(timeout=1.0)
+        assert store.flush(30)
+    finally:
+        store.close()
+    stored = list(SQLiteStore(tmp_path / "k.sqlite3").iter_exchanges())
+    assert len(stored) == n and analysis.pending == 0
+    errors = [x.analysis.get("error") for x in stored if x.analysis]
+    analysed = [x for x in stored if x.analysis and x.analysis.get("prompt_tokens")]
+    assert analysed and SKIPPED_SHUTDOWN in errors, (len(analysed), set(errors))
+    assert len(analysed) + errors.count(SKIPPED_SHUTDOWN) == n
