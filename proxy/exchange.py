@@ -194,7 +194,7 @@ class Exchange:
 
     def to_dict(self, with_bodies: bool = True) -> dict[str, Any]:
         """A JSON-ready dict; bodies become text (UTF-8, undecodable bytes replaced)."""
-        data = {name: _plain(getattr(self, name)) for name in _FIELDS}  # dataclasses.asdict, 8x faster
+        data = {name: plain(getattr(self, name)) for name in _FIELDS}  # dataclasses.asdict, 8x faster
         for name in ("request_body", "response_body"):
             raw = data.pop(name)
             if with_bodies:
@@ -224,20 +224,20 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(Exchange))
 _ATOMS = frozenset({str, int, float, bool, type(None), bytes})
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """What `dataclasses.asdict` makes of a value (dataclasses become dicts, containers are copied
     deeply), without its generic per-value machinery: the store's writer calls this for every record."""
     kind = type(value)
     if kind in _ATOMS:
         return value
     if kind is dict:
-        return {_plain(k): _plain(v) for k, v in value.items()}
+        return {plain(k): plain(v) for k, v in value.items()}
     if kind is list:
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if kind is tuple:
-        return tuple(_plain(v) for v in value)
+        return tuple(plain(v) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return copy.deepcopy(value)
 
 

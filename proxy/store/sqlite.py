@@ -20,6 +20,7 @@ Schema changes are numbered files in `migrations/` (`0001_init.sql`, ...), appli
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.resources
 import itertools
@@ -37,7 +38,7 @@ from typing import Any, Self, TypeVar
 
 import orjson
 
-from proxy.exchange import Exchange
+from proxy.exchange import Exchange, plain
 from proxy.store.base import StoreStats
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ _FIELD_COLUMNS = ("id", "started_at", "method", "path", "session", "model", "str
 # Values `Exchange.to_dict` derives from other fields: stored as columns for filters and sorting,
 # left out of `data` because they are recomputed from the record.
 _DERIVED = ("prompt_tokens", "completion_tokens", "cached_tokens", "ttft_ms", "prompt_tps", "gen_tps")
+_DATA_FIELDS = tuple(
+    f.name for f in dataclasses.fields(Exchange)
+    if f.name not in _FIELD_COLUMNS + _DERIVED + ("request_body", "response_body")
+)  # fmt: skip
 _COLUMNS = (
     "id", "started_at", "method", "path", "session", "model", "stream", "status", "error_kind",
     "prompt_tokens", "completion_tokens", "cached_tokens", "ttft_ms", "t_done_ms", "prompt_tps", "gen_tps",
@@ -93,10 +98,12 @@ _REJECT_LOG_INTERVAL = 60.0
 
 
 def exchange_row(x: Exchange) -> tuple[Any, ...]:
-    """The `exchanges` row for a record, in `_COLUMNS` order."""
-    data = x.to_dict(with_bodies=False)
-    for name in _FIELD_COLUMNS + _DERIVED:
-        data.pop(name, None)
+    """The `exchanges` row for a record, in `_COLUMNS` order.
+
+    The `data` column holds the fields that have no column of their own. The writer thread builds it
+    for every record while the event loop may be waiting for the GIL, so it is a shallow dict that
+    orjson serialises as it is (nested dicts, lists and the error dataclass included), not a deep copy."""
+    data = {name: getattr(x, name) for name in _DATA_FIELDS}
     return (
         x.id, x.started_at, x.method, x.path, x.session, x.model, int(bool(x.stream)), x.status,
         x.error.kind if x.error is not None else None,
@@ -137,7 +144,7 @@ def _dumps(data: dict[str, Any]) -> str:
         # orjson refuses integers beyond 64 bits, lone surrogates, non-string keys and unknown
         # types; the stdlib encoder copes with the first three and turns the rest into their repr,
         # so a record with odd metadata is still stored.
-        return json.dumps(data, default=repr)
+        return json.dumps(plain(data), default=repr)
 
 
 def _loads(text: str) -> dict[str, Any]:
