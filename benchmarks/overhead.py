@@ -659,6 +659,14 @@ def install_litellm(venv: Path) -> None:
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=False)
 
 
+def thaw(arm: Arm) -> None:
+    """Let every process of a kvlens arm run again (its analysis process too)."""
+    if arm.proc is not None and arm.proc.poll() is None:
+        for pid in proc_tree(arm.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def focus(arms: list[Arm], arm: Arm | None) -> None:
     """Freeze every kvlens process but `arm`'s (SIGSTOP), so an analysis backlog left by one run never
     takes CPU from another arm's run; the measured one continues (SIGCONT) with its backlog."""
@@ -694,7 +702,7 @@ def stop(arm: Arm) -> None:
         return
     try:
         if arm.kvlens:  # its analysis backlog is of no interest: no graceful drain
-            arm.proc.send_signal(signal.SIGCONT)
+            thaw(arm)  # a frozen analysis process would never see the proxy go
             arm.proc.kill()
         elif arm.name == "LiteLLM":
             os.killpg(arm.proc.pid, signal.SIGTERM)
@@ -1052,7 +1060,7 @@ def main() -> None:
         focus(arms, None)
         for arm in arms:
             if arm.kvlens:
-                arm.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                thaw(arm)
         analysis = {a.name: kvlens_analysis_state(a) for a in arms if a.kvlens}
         agg = aggregate(runs, names)
         text, targets = report(agg, names)

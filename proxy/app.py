@@ -9,6 +9,7 @@ connection pool and closes the store (flushing pending records) on shutdown.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from typing import Any
@@ -47,9 +48,14 @@ class KvlensApp:
         )
 
     def record(self, exchange: Exchange) -> None:
-        """Hand a finished exchange on: to the analysis worker, or straight to the store (non-blocking)."""
+        """Hand a finished exchange on: to the analysis, or straight to the store (non-blocking).
+
+        With the analysis on, a provisional copy (no bodies, no analysis yet) goes to the store at once and
+        the analysed record replaces it (same id) when it is ready: a kill -9 then loses at most the store's
+        unflushed batch, never the analysis backlog, and the dashboard lists a request as soon as it ends."""
         self.metrics.observe_exchange(exchange)  # before submit: after it, the record belongs to another thread
         if self.analyzer is not None:
+            self.store.submit(_provisional(exchange))
             self.analyzer.submit(exchange)
             return
         if not self.settings.capture_bodies:
@@ -111,6 +117,13 @@ class KvlensApp:
                     self.store.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _provisional(exchange: Exchange) -> Exchange:
+    record = copy.copy(exchange)  # shallow: ~10x cheaper than dataclasses.replace, on the event loop
+    record.request_body = record.response_body = None
+    record.metadata = {**exchange.metadata, "analysis_pending": True}
+    return record
 
 
 def _analyzer(settings: Settings, store: Store, metrics: Metrics) -> Analyzer | AnalysisProcess | None:

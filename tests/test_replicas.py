@@ -132,8 +132,8 @@ def test_records_from_both_replicas_appear_in_each_replicas_api(
             assert health["store"]["write_failures"] == 0 and health["store"]["dropped"] == 0
         assert seen[0] == seen[1]  # the same records in the same newest-first order
 
-    # each record was written once, by the replica that served it
-    assert sum(app.store.stats.written for _, app in replicas) == len(seen[0])
+    # each record was written by the replica that served it, twice: provisional, then with its analysis
+    assert sum(app.store.stats.written for _, app in replicas) == 2 * len(seen[0])
     capsys.readouterr()
     assert main(["requests", "--db", postgres_url, "--limit", "50", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -239,7 +239,9 @@ async function renderRequest(id) {
     r.error ? h("p", { class: "error-box" }, h("strong", {}, r.error.kind), ": ", r.error.message) : null,
     findings((r.metadata || {}).findings),
     section("Timeline", timeline(r), upstreamTimings(r.upstream_timings)),
-    section("Cache analysis", analysisNumbers(a)),
+    section("Cache analysis", (r.metadata || {}).analysis_pending && !r.analysis
+      ? h("p", { class: "muted" }, "Waiting for analysis (reload in a moment; if kvlens was killed meanwhile, it never came).")
+      : analysisNumbers(a)),
     section("Divergence", divergence(a.divergence, a)),
     section("Causes", causes(a.causes)),
     section("Diff against the predecessor", diffBox),
