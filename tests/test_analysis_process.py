@@ -21,7 +21,7 @@ from proxy.emulator import EmulatorSettings, create_app as create_emulator
 from proxy.exchange import Exchange
 from proxy.store import SQLiteStore
 from tests.servers import serve_in_thread
-from tests.test_faults import CHAT, chat, kvlens_serve
+from tests.test_faults import CHAT, chat, kvlens_serve, wait_until_up
 from tests.test_forward import kvlens, records
 
 
@@ -156,15 +156,7 @@ def test_ctrl_c_stops_kvlens_and_its_analysis_cleanly(emulator: str, tmp_path: P
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/_kvlens/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "kvlens did not come up"
-            time.sleep(0.05)
+        wait_until_up(url + "/_kvlens/health", proc)
         with httpx.Client(timeout=30) as client:
             for i in range(5):
                 assert client.post(url + CHAT, json=chat(f"before ctrl-c {i}")).status_code == 200
