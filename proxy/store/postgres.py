@@ -27,19 +27,16 @@ The driver is psycopg 3 (`pip install 'kvlens[postgres]'`).
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from proxy.exchange import Exchange
+from proxy.store import sqlite as sqlite_store
 from proxy.store.sqlite import (
     _COLUMNS,
     _FIELD_COLUMNS,
-    _MIGRATION_FILE,
-    _SESSION_FIELDS,
-    _TOTAL_FIELDS,
     SQLiteStore,
     _exchange_from_row,
 )
@@ -65,9 +62,7 @@ _UPSERT = (
     f"INSERT INTO exchanges ({', '.join(_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_COLUMNS))}) "
     f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS if c != 'id')}"
 )
-_SELECT_LIST = f"SELECT {', '.join(_FIELD_COLUMNS)}, data FROM exchanges"
-_SELECT_FULL = f"SELECT {', '.join(_FIELD_COLUMNS)}, data, request_body, response_body FROM exchanges"
-_SELECT_ONE = f"{_SELECT_FULL} WHERE id = %s"
+_SELECT_ONE = f"SELECT {', '.join(_FIELD_COLUMNS)}, data, request_body, response_body FROM exchanges WHERE id = %s"
 
 # SQLite's SUM over INTEGER is a 64-bit integer; PostgreSQL's SUM over BIGINT is NUMERIC (a Decimal
 # in Python), hence the casts back. ROUND(x, 3) exists for NUMERIC only.
@@ -109,13 +104,7 @@ def redact_url(url: str) -> str:
 
 def bundled_migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) for each `migrations_pg/NNNN_name.sql` shipped in the package, in order."""
-    folder = importlib.resources.files("proxy.store").joinpath("migrations_pg")
-    found = []
-    for entry in folder.iterdir():
-        match = _MIGRATION_FILE.match(entry.name)
-        if match and entry.is_file():
-            found.append((int(match.group(1)), entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8")))
-    return sorted(found)
+    return sqlite_store.bundled_migrations("migrations_pg")
 
 
 def migrate(conn: psycopg.Connection[Any], migrations: Iterable[tuple[int, str, str]] | None = None) -> int:
@@ -225,33 +214,17 @@ class PostgresStore(SQLiteStore):
             self._closed = True
             self._pool.close()
 
-    # Reading, blocking, on pooled connections.
+    # Reading, blocking, on pooled connections: SQLiteStore's queries in PostgreSQL's dialect.
 
-    def list_exchanges(
-        self,
-        limit: int = 50,
-        session: str | None = None,
-        model: str | None = None,
-        before: float | None = None,
-        conversation: str | None = None,
-        cause: str | None = None,
-    ) -> list[Exchange]:
-        if limit < 0:
-            raise ValueError("limit must not be negative")
-        clauses: list[str] = []
-        params: list[Any] = []
-        for column, value in (("session", session), ("model", model), ("conversation", conversation),
-                              ("top_cause", cause)):  # fmt: skip
-            if value is not None:
-                clauses.append(f"{column} = %s")
-                params.append(value)
-        if before is not None:
-            clauses.append("started_at < %s")
-            params.append(before)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"{_SELECT_LIST}{where} ORDER BY started_at DESC, id DESC LIMIT %s"
-        rows = self._read(lambda conn: conn.execute(sql, [*params, limit]).fetchall())
-        return [_exchange_from_row(row, with_bodies=False) for row in rows]
+    _P = "%s"
+    _SQL_SESSIONS = _SESSIONS
+    _SQL_TOTALS = _TOTALS
+    _SQL_TRUE = "TRUE"
+    _SQL_LOST_BY_CAUSE = ("SELECT top_cause, ROUND(SUM(lost_seconds)::numeric, 3)::float8 FROM exchanges WHERE {where}"
+                          " AND top_cause IS NOT NULL GROUP BY top_cause ORDER BY SUM(lost_seconds) DESC NULLS LAST")
+
+    def _full_row(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        return _bodies(row)
 
     def get_exchange(self, id: str) -> Exchange | None:
         if "\x00" in id:
@@ -259,81 +232,13 @@ class PostgresStore(SQLiteStore):
         row = self._read(lambda conn: conn.execute(_SELECT_ONE, (id,)).fetchone())
         return _exchange_from_row(_bodies(row), with_bodies=True) if row is not None else None
 
-    def iter_exchanges(
-        self,
-        session: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        batch_size: int = 500,
-    ) -> Iterator[Exchange]:
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        clauses: list[str] = []
-        params: list[Any] = []
-        if session is not None:
-            clauses.append("session = %s")
-            params.append(session)
-        if since is not None:
-            clauses.append("started_at >= %s")
-            params.append(since)
-        if until is not None:
-            clauses.append("started_at < %s")
-            params.append(until)
-        after: tuple[float, str] | None = None
-        while True:
-            # Keyset paging on (started_at, id), as in SQLiteStore.iter_exchanges.
-            where = list(clauses)
-            args = list(params)
-            if after is not None:
-                where.append("(started_at > %s OR (started_at = %s AND id > %s))")
-                args += [after[0], after[0], after[1]]
-            sql = f"{_SELECT_FULL}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY started_at, id LIMIT %s"
-            rows = self._read(lambda conn: conn.execute(sql, [*args, batch_size]).fetchall())
-            for row in rows:
-                yield _exchange_from_row(_bodies(row), with_bodies=True)
-            if len(rows) < batch_size:
-                return
-            after = (rows[-1][1], rows[-1][0])
-
     def count(self) -> int:
         return int(self._read(lambda conn: _one(conn.execute("SELECT COUNT(*) FROM exchanges").fetchone())))
-
-    def sessions(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self._read(lambda conn: conn.execute(_SESSIONS, (limit,)).fetchall())
-        out = []
-        for row in rows:
-            item = dict(zip(_SESSION_FIELDS, row))
-            prompt, cached = item["prompt_tokens"] or 0, item["cached_tokens"] or 0
-            item["reuse"] = round(cached / prompt, 4) if prompt else None
-            item["lost_seconds_by_cause"] = self._lost_by_cause("conversation = %s", (item["conversation"],))
-            out.append(item)
-        return out
-
-    def totals(self) -> dict[str, Any]:
-        row = self._read(lambda conn: conn.execute(_TOTALS).fetchone())
-        totals = dict(zip(_TOTAL_FIELDS, row or ()))
-        prompt, cached = totals["prompt_tokens"] or 0, totals["cached_tokens"] or 0
-        totals["reuse"] = round(cached / prompt, 4) if prompt else None
-        totals["lost_seconds_by_cause"] = self._lost_by_cause("TRUE", ())
-        totals["requests_by_cause"] = dict(
-            self._read(lambda conn: conn.execute(
-                "SELECT top_cause, COUNT(*) FROM exchanges WHERE top_cause IS NOT NULL GROUP BY top_cause"
-                " ORDER BY COUNT(*) DESC").fetchall())
-        )
-        return totals
-
-    def _lost_by_cause(self, where: str, params: tuple[Any, ...]) -> dict[str, float]:
-        sql = (f"SELECT top_cause, ROUND(SUM(lost_seconds)::numeric, 3)::float8 FROM exchanges WHERE {where}"
-               " AND top_cause IS NOT NULL GROUP BY top_cause ORDER BY SUM(lost_seconds) DESC NULLS LAST")
-        return {cause: value or 0.0 for cause, value in self._read(lambda conn: conn.execute(sql, params).fetchall())}
 
     def find_ids(self, prefix: str, limit: int = 10) -> list[str]:
         if "\x00" in prefix:
             return []
-        # id is COLLATE "C": the same bytewise range scan on the primary key as SQLite's
-        query = "SELECT id FROM exchanges WHERE id >= %s AND id < %s ORDER BY started_at DESC LIMIT %s"
-        upper = prefix + "\U0010ffff"
-        return [row[0] for row in self._read(lambda conn: conn.execute(query, (prefix, upper, limit)).fetchall())]
+        return super().find_ids(prefix, limit)  # id is COLLATE "C": the same bytewise range scan as SQLite's
 
     def _read(self, query: Callable[[Any], T]) -> T:
         if self._closed:  # after close(), as SQLite does, still answer (on a connection of its own)

@@ -160,9 +160,9 @@ def _loads(text: str) -> dict[str, Any]:
 # Migrations.
 
 
-def bundled_migrations() -> list[tuple[int, str, str]]:
-    """(version, name, sql) for each `migrations/NNNN_name.sql` shipped in the package, in order."""
-    folder = importlib.resources.files("proxy.store").joinpath("migrations")
+def bundled_migrations(folder_name: str = "migrations") -> list[tuple[int, str, str]]:
+    """(version, name, sql) for each `<folder_name>/NNNN_name.sql` shipped in the package, in order."""
+    folder = importlib.resources.files("proxy.store").joinpath(folder_name)
     found = []
     for entry in folder.iterdir():
         match = _MIGRATION_FILE.match(entry.name)
@@ -349,7 +349,19 @@ class SQLiteStore:
         with self._lock:
             return len(self._queue) + len(self._backlog)
 
-    # Reading, blocking, on a fresh connection per call.
+    # Reading, blocking, on a fresh connection per call. The SQL differs between the backends only in
+    # these (PostgresStore overrides them): the parameter placeholder and the aggregate queries.
+
+    _P = "?"
+    _SQL_SESSIONS = _SESSIONS
+    _SQL_TOTALS = _TOTALS
+    _SQL_TRUE = "1"
+    _SQL_LOST_BY_CAUSE = ("SELECT top_cause, ROUND(SUM(lost_seconds), 3) FROM exchanges WHERE {where} AND top_cause "
+                          "IS NOT NULL GROUP BY top_cause ORDER BY SUM(lost_seconds) DESC")
+
+    def _full_row(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A row with the bodies as the database driver returns them, made ready for `_exchange_from_row`."""
+        return row
 
     def list_exchanges(
         self,
@@ -367,13 +379,13 @@ class SQLiteStore:
         for column, value in (("session", session), ("model", model), ("conversation", conversation),
                               ("top_cause", cause)):  # fmt: skip
             if value is not None:
-                clauses.append(f"{column} = ?")
+                clauses.append(f"{column} = {self._P}")
                 params.append(value)
         if before is not None:
-            clauses.append("started_at < ?")
+            clauses.append(f"started_at < {self._P}")
             params.append(before)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"{_SELECT_LIST}{where} ORDER BY started_at DESC, id DESC LIMIT ?"
+        sql = f"{_SELECT_LIST}{where} ORDER BY started_at DESC, id DESC LIMIT {self._P}"
         rows = self._read(lambda conn: conn.execute(sql, [*params, limit]).fetchall())
         return [_exchange_from_row(row, with_bodies=False) for row in rows]
 
@@ -392,14 +404,15 @@ class SQLiteStore:
             raise ValueError("batch_size must be at least 1")
         clauses: list[str] = []
         params: list[Any] = []
+        p = self._P
         if session is not None:
-            clauses.append("session = ?")
+            clauses.append(f"session = {p}")
             params.append(session)
         if since is not None:
-            clauses.append("started_at >= ?")
+            clauses.append(f"started_at >= {p}")
             params.append(since)
         if until is not None:
-            clauses.append("started_at < ?")
+            clauses.append(f"started_at < {p}")
             params.append(until)
         base = f"SELECT {', '.join(_FIELD_COLUMNS)}, data, request_body, response_body FROM exchanges"
         after: tuple[float, str] | None = None
@@ -409,12 +422,12 @@ class SQLiteStore:
             where = list(clauses)
             args = list(params)
             if after is not None:
-                where.append("(started_at > ? OR (started_at = ? AND id > ?))")
+                where.append(f"(started_at > {p} OR (started_at = {p} AND id > {p}))")
                 args += [after[0], after[0], after[1]]
-            sql = f"{base}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY started_at, id LIMIT ?"
+            sql = f"{base}{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY started_at, id LIMIT {p}"
             rows = self._read(functools.partial(_fetch_all, sql, (*args, batch_size)))
             for row in rows:
-                yield _exchange_from_row(row, with_bodies=True)
+                yield _exchange_from_row(self._full_row(row), with_bodies=True)
             if len(rows) < batch_size:
                 return
             after = (rows[-1][1], rows[-1][0])
@@ -423,22 +436,22 @@ class SQLiteStore:
         return int(self._read(lambda conn: conn.execute("SELECT COUNT(*) FROM exchanges").fetchone()[0]))
 
     def sessions(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self._read(lambda conn: conn.execute(_SESSIONS, (limit,)).fetchall())
+        rows = self._read(lambda conn: conn.execute(self._SQL_SESSIONS, (limit,)).fetchall())
         out = []
         for row in rows:
             item = dict(zip(_SESSION_FIELDS, row))
             prompt, cached = item["prompt_tokens"] or 0, item["cached_tokens"] or 0
             item["reuse"] = round(cached / prompt, 4) if prompt else None
-            item["lost_seconds_by_cause"] = self._lost_by_cause("conversation = ?", (item["conversation"],))
+            item["lost_seconds_by_cause"] = self._lost_by_cause(f"conversation = {self._P}", (item["conversation"],))
             out.append(item)
         return out
 
     def totals(self) -> dict[str, Any]:
-        row = self._read(lambda conn: conn.execute(_TOTALS).fetchone())
-        totals = dict(zip(_TOTAL_FIELDS, row))
+        row = self._read(lambda conn: conn.execute(self._SQL_TOTALS).fetchone())
+        totals = dict(zip(_TOTAL_FIELDS, row or ()))
         prompt, cached = totals["prompt_tokens"] or 0, totals["cached_tokens"] or 0
         totals["reuse"] = round(cached / prompt, 4) if prompt else None
-        totals["lost_seconds_by_cause"] = self._lost_by_cause("1", ())
+        totals["lost_seconds_by_cause"] = self._lost_by_cause(self._SQL_TRUE, ())
         totals["requests_by_cause"] = dict(
             self._read(lambda conn: conn.execute(
                 "SELECT top_cause, COUNT(*) FROM exchanges WHERE top_cause IS NOT NULL GROUP BY top_cause"
@@ -447,13 +460,13 @@ class SQLiteStore:
         return totals
 
     def _lost_by_cause(self, where: str, params: tuple[Any, ...]) -> dict[str, float]:
-        sql = (f"SELECT top_cause, ROUND(SUM(lost_seconds), 3) FROM exchanges WHERE {where} AND top_cause IS NOT NULL"
-               " GROUP BY top_cause ORDER BY SUM(lost_seconds) DESC")
+        sql = self._SQL_LOST_BY_CAUSE.format(where=where)
         return {cause: value or 0.0 for cause, value in self._read(lambda conn: conn.execute(sql, params).fetchall())}
 
     def find_ids(self, prefix: str, limit: int = 10) -> list[str]:
         # ids are hex, so a range scan on the primary key replaces LIKE (which would need escaping)
-        query = "SELECT id FROM exchanges WHERE id >= ? AND id < ? ORDER BY started_at DESC LIMIT ?"
+        p = self._P
+        query = f"SELECT id FROM exchanges WHERE id >= {p} AND id < {p} ORDER BY started_at DESC LIMIT {p}"
         upper = prefix + "\U0010ffff"
         return [row[0] for row in self._read(lambda conn: conn.execute(query, (prefix, upper, limit)).fetchall())]
 
