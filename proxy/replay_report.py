@@ -100,6 +100,8 @@ async def fetch_analyses(proxies: dict[str, Any], replayer: Replayer, wait: floa
                         break
                     for rec in page:
                         headers = rec.get("request_headers") or {}
+                        if (rec.get("metadata") or {}).get("analysis_pending"):
+                            continue  # the provisional copy: its analysed record replaces it shortly
                         if headers.get(REPLAY_RUN_HEADER) == replayer.run_id and headers.get(REPLAY_OF_HEADER):
                             found[url][headers[REPLAY_OF_HEADER]] = rec
                     starts = [rec["started_at"] for rec in page if isinstance(rec.get("started_at"), (int, float))]
