@@ -114,8 +114,10 @@ def main() -> None:
     print(f"measured request: {len(tokens):,} tokens, {len(orjson.dumps(body)) / 1024:.0f} KB body")
     samples = []
     predecessor = analyzer.last_main[session]
+    whole = predecessor.body, predecessor.rendered  # the analysis slims the turn it supersedes
     for _ in range(args.reps):
         analyzer.last_main[session] = predecessor  # every repetition compares with the same turn
+        predecessor.body, predecessor.rendered = whole
         ex = turn(body, tokens, session, t + 1)
         start = time.process_time()
         analyzer.analyse(ex)

@@ -11,13 +11,21 @@ submits the record to the store. A failure anywhere here is recorded in the anal
 (`analysis.error`) and never reaches the client, whose response has long been sent.
 
 Memory is bounded: token sequences live once in the prefix index (capped in distinct tokens),
-and only the last main turn of the most recent conversations is kept (capped in count).
+and only the last main turn of the most recent conversations is kept whole (capped in count); the
+other recent turns keep only what classification reads (`_slim`). Token ids are uint32 arrays
+(`proxy.cachemodel.TokenArray`, 4 bytes a token against 36 in a list) from the tokenizer to the
+cache model, whose slots and host-RAM cache (up to --cache-ram, millions of tokens) hold them too.
+Nothing here forms reference cycles: what a request allocates is freed when its analysis ends, not
+at a full garbage collection, which a process holding the prefix index's millions of objects runs
+rarely (tests/test_analysis_memory.py; benchmarks/analysis_memory.py measures it).
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -27,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from proxy.cachemodel import CacheConfig, CacheModel, Launch
+from proxy.cachemodel import CacheConfig, CacheModel, Launch, concat
 from proxy.config import Settings
 from proxy.exchange import Exchange
 from proxy.explain import Evidence, explain
@@ -36,7 +44,7 @@ from proxy.limits import context_shift_risk, n_ctx_of, requested_output
 from proxy.prefix import PrefixIndex
 from proxy.sessions import classify
 from proxy.store import Store
-from proxy.tokens import Tokenizer
+from proxy.tokens import Tokenizer, compact_tokens
 from proxy.turn import KIND_MAIN, KIND_OTHER, KIND_SUBAGENT, Turn
 
 log = logging.getLogger("kvlens.analyzer")
@@ -48,6 +56,7 @@ MIN_SHARED_PREFIX = 64  # below one block, a prefix shared with an unrelated pro
 SKIPPED_QUEUE_FULL = "analysis skipped: the analysis queue was full"
 USER_MARKERS = ("<|im_start|>user",)  # ChatML (Qwen, the emulator); where user messages start
 TOOL_RESPONSE_AFTER_MARKER = "\n<tool_response>"  # ChatML tool results also open a "user" turn
+TRIM_EVERY_BYTES = 8 << 20  # request bodies analysed between two returns of free heap memory to the OS
 
 
 class Analyzer:
@@ -71,6 +80,7 @@ class Analyzer:
         self.handoff: Any | None = None
         """`proxy.limits.PromptHandoff`: prompts the limits already counted on the hot path (set by the app)."""
         self._n_ctx: int | None = None
+        self._heap = _HeapTrim(TRIM_EVERY_BYTES)
         self.findings = Findings(
             settings.upstream_url,
             props=self.tokenizer.props,
@@ -142,6 +152,7 @@ class Analyzer:
     # The worker side.
 
     def analyse_and_store(self, exchange: Exchange) -> None:
+        self._heap.note(len(exchange.request_body or b""))
         try:
             self.analyse(exchange)
         except Exception as exc:  # a bug here must cost the analysis, never the record
@@ -189,7 +200,7 @@ class Analyzer:
         self._flag_context_shift(turn)
         predecessor = self.last_main.get(turn.conversation or "") if turn.conversation else None
         if predecessor is not None and predecessor.held is None:
-            predecessor.held = self.index.get(predecessor.id)
+            predecessor.held = self.index.get_array(predecessor.id)
         between = self._between(predecessor)
         common, best_id, best = self._prefixes(turn, predecessor)
         launch = self._simulate(turn)
@@ -227,13 +238,20 @@ class Analyzer:
         ex = turn.exchange
         prompt = self.handoff.take(ex.id) if self.handoff is not None else None
         if prompt is None:
-            prompt = self.tokenizer.prompt(ex.path, turn.body or {})
-        turn.tokens, turn.tokens_source, turn.tokens_error = prompt.tokens, prompt.source, prompt.error
-        turn.rendered, turn.token_offsets = prompt.rendered, prompt.offsets
+            if isinstance(self.tokenizer, Tokenizer):  # uint32 arrays, not 50k-int lists
+                prompt = self.tokenizer.prompt(ex.path, turn.body or {}, compact=True)
+            else:
+                prompt = self.tokenizer.prompt(ex.path, turn.body or {})
+        # Ids and offsets as uint32 arrays (`TokenArray`, 4 bytes a token): what the prefix index, the
+        # cache model and explain compare at C speed; a list that does not fit one stays a list.
+        tokens = None if prompt.tokens is None else compact_tokens(prompt.tokens)
+        turn.tokens, turn.tokens_source, turn.tokens_error = tokens, prompt.source, prompt.error
+        turn.rendered = prompt.rendered
+        turn.token_offsets = None if prompt.offsets is None else compact_tokens(prompt.offsets)
         if turn.tokens is None or ex.status != 200:
             return
         generated = self._generated_tokens(ex)
-        turn.held = turn.tokens + generated[:-1] if generated else list(turn.tokens)
+        turn.held = concat(turn.tokens, generated[:-1]) if generated else turn.tokens
         turn.extra["generated"] = generated
 
     def _flag_context_shift(self, turn: Turn) -> None:
@@ -341,10 +359,15 @@ class Analyzer:
         turn.exchange = dataclasses.replace(turn.exchange, request_body=None, response_body=None)
         self.wire.append(turn)
         if turn.kind in (KIND_MAIN, KIND_SUBAGENT) and turn.conversation:  # a subagent is its own chain
+            replaced = self.last_main.get(turn.conversation)
             self.last_main[turn.conversation] = turn
             self.last_main.move_to_end(turn.conversation)
+            if replaced is not None and replaced is not turn:
+                _slim(replaced)
             while len(self.last_main) > self.settings.analysis_max_conversations:
-                self.last_main.popitem(last=False)
+                _slim(self.last_main.popitem(last=False)[1])
+        else:
+            _slim(turn)
 
     def _summarise(self, ev: Evidence, best_id: str | None, divergence: Any, causes: list[Any]) -> dict[str, Any]:
         turn, ex = ev.turn, ev.turn.exchange
@@ -375,6 +398,58 @@ class Analyzer:
             "divergence": asdict(divergence) if divergence is not None else None,
             "causes": [asdict(c) for c in causes],
         }
+
+
+def _slim(turn: Turn) -> None:
+    """A turn no longer any conversation's last (so never a predecessor again) stays in `wire` only for
+    `sessions.classify`, which matches a side request's embedded user text against recent main turns'
+    user messages, and for explain's "requests in between" (kind, conversation). The rest goes: its
+    body but those user messages, and its rendered prompt (with 50k-token prompts ~0.8 MB a turn)."""
+    if turn.kind == KIND_MAIN and turn.body is not None:
+        turn.body = {"messages": [m for m in turn.messages if m.get("role") == "user"]}
+    else:
+        turn.body = None
+    turn.rendered = None
+
+
+class _HeapTrim:
+    """Gives the C heap's free pages back to the OS (glibc `malloc_trim`) every `every` bytes of
+    request bodies analysed; nothing where there is no such call (macOS, musl).
+
+    A 50k-token request makes ~10 MB of short-lived buffers above pymalloc's 512 bytes (the body, the
+    rendered prompt, the /tokenize answer), each prompt a little longer than the last, between
+    long-lived ones (cached prompts, the conversations' last turns). glibc reuses the holes they leave
+    poorly and returns only the top of its heap, so the process kept growing: benchmarks/analysis_memory.py
+    measured 464 MiB RSS after 6,000 such requests with 179 MiB of it free heap, 298 MiB after a trim;
+    trimming every 8 MiB of bodies (~20 such requests) keeps the RSS at what is in use, for ~0.1 ms
+    a request."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.pending = 0
+        self.trim = _malloc_trim()
+
+    def note(self, nbytes: int) -> None:
+        if self.trim is None:
+            return
+        self.pending += nbytes
+        if self.pending >= self.every:
+            self.pending = 0
+            try:
+                self.trim(0)
+            except Exception:  # never worth failing an analysis for
+                self.trim = None
+
+
+@functools.cache
+def _malloc_trim() -> Any | None:
+    """glibc's malloc_trim, looked up in the running process; None elsewhere."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 class _Marker:

@@ -10,19 +10,94 @@ It mirrors current master as described in shared/research/llama-server-cache.md 
 §2.4, §6), confirmed against the b10470 recordings. No I/O, no threads, no clocks: `t_last_used` is a
 logical tick, so equal inputs give equal outputs. Deliberate simplifications are noted where made
 (the SWA `pos_min` estimate, one slot per batch, no `n_cache_reuse`, no media).
+
+Token sequences are stored as `TokenArray`s (uint32, 4 bytes a token): with the default 8 GiB
+--cache-ram the RAM cache alone can hold ~4M tokens, 150 MB as lists of ints, 16 MB as arrays; and
+every launch compares the prompt with each slot and RAM entry (`common_prefix`), which on arrays
+costs what the common prefix costs, at C speed.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+from array import array
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 MemoryKind = Literal["plain", "swa", "hybrid"]
 
 MIB = 1 << 20
-_LCP_CHUNK = 256  # common_prefix compares slices of this many tokens before going token by token
+_LCP_CHUNK = 256  # common_prefix on lists compares slices of this many tokens before going token by token
+_LCP_FIRST = 16   # common_prefix on arrays compares this many tokens first, then doubling runs
+TOKEN_TYPECODE = next(c for c in "IL" if array(c).itemsize == 4)
+"""array typecode of token ids: unsigned 32-bit, the layout `proxy.prefix` hashes (4 bytes a token,
+against 8 + 28 for an int in a list)."""
+
+
+class TokenArray(array):
+    """Token ids stored as unsigned 32-bit integers (4 bytes each), comparing equal to a list of the
+    same ids. What the model stores for slots and RAM entries: a 50k-token prompt is 200 KB instead of
+    the 1.8 MB of a list of ints, and `common_prefix` compares two of them at C speed. Never changed in
+    place once stored (slots and entries share them), only replaced."""
+
+    __slots__ = ()
+
+    def __new__(cls, tokens: Sequence[int] | array = ()) -> TokenArray:
+        return super().__new__(cls, TOKEN_TYPECODE, tokens)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, array):
+            return array.__eq__(self, other)
+        if isinstance(other, (list, tuple, range)):
+            return len(self) == len(other) and self.tolist() == list(other)
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TokenArray({self.tolist()!r})"
+
+    def __copy__(self) -> TokenArray:  # array's would return a plain array
+        return TokenArray(self)
+
+    def __deepcopy__(self, memo: object) -> TokenArray:
+        return TokenArray(self)
+
+
+def as_tokens(tokens: Sequence[int]) -> Sequence[int]:
+    """`tokens` as a fresh TokenArray; ids outside [0, 2**32) (or not ints) stay a list, which every
+    function here still handles (slowly)."""
+    try:
+        return TokenArray(tokens)
+    except (OverflowError, TypeError):
+        return list(tokens)
+
+
+def head(tokens: Sequence[int], n: int) -> Sequence[int]:
+    """The first n tokens, as a new sequence of the same kind (a TokenArray for an array)."""
+    if isinstance(tokens, array) and tokens.typecode == TOKEN_TYPECODE:
+        out = TokenArray()
+        out.frombytes(memoryview(tokens).cast("B")[:max(0, n) * 4])
+        return out
+    return list(tokens[:n])
+
+
+def concat(tokens: Sequence[int], more: Sequence[int]) -> Sequence[int]:
+    """tokens + more, as a new sequence (a TokenArray when both fit one)."""
+    if isinstance(tokens, array):
+        out = as_tokens(tokens)
+        if isinstance(out, array):
+            try:
+                out.extend(more)
+                return out
+            except (OverflowError, TypeError):
+                pass
+    return list(tokens) + list(more)
 
 
 def _pad256(n: int) -> int:
@@ -32,8 +107,13 @@ def _pad256(n: int) -> int:
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix (server_tokens::get_common_prefix).
 
-    Compares whole slices first (C speed), then chunks, and walks token by token only inside the
-    one chunk that differs, so a 200k-token prompt costs a few hundred slice compares."""
+    On two token arrays of the same type (what the model and the analysis store): compares a short
+    run, then runs of doubling length, then bisects inside the run that differs, all slice compares
+    at C speed, so the cost follows the common prefix, not the lengths: a prompt that differs from a
+    cached 100k-token one at its first tokens costs a microsecond. Other sequences: compares whole
+    slices first, then chunks, and walks token by token only inside the one chunk that differs."""
+    if isinstance(a, array) and isinstance(b, array) and a.typecode == b.typecode:
+        return _array_prefix(a, b)
     a = a if isinstance(a, list) else list(a)
     b = b if isinstance(b, list) else list(b)
     n = min(len(a), len(b))
@@ -46,6 +126,25 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def _array_prefix(a: array, b: array) -> int:
+    n = min(len(a), len(b))
+    lo, step = 0, _LCP_FIRST
+    while True:  # invariant: a[:lo] == b[:lo]
+        hi = min(n, lo + step)
+        if a[lo:hi] != b[lo:hi]:
+            break
+        if hi == n:
+            return n
+        lo, step = hi, step * 2
+    while hi - lo > 1:  # the first difference is in [lo, hi)
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 @dataclass(frozen=True)
@@ -115,7 +214,7 @@ class Checkpoint:
 @dataclass
 class SlotState:
     id: int
-    tokens: list[int]              # what the slot's KV holds: prompt + generated[:-1]
+    tokens: Sequence[int]          # what the slot's KV holds: prompt + generated[:-1] (a TokenArray)
     checkpoints: list[Checkpoint]
     t_last_used: int = -1          # logical clock, set at release
     is_processing: bool = False
@@ -126,7 +225,7 @@ class SlotState:
 
 @dataclass
 class RamEntry:
-    tokens: list[int]
+    tokens: Sequence[int]          # a TokenArray, shared with the slot it was saved from
     checkpoints: list[Checkpoint]
     size_bytes: int
 
@@ -171,7 +270,8 @@ class CacheModel:
 
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
-        self.slots: list[SlotState] = [SlotState(id=i, tokens=[], checkpoints=[]) for i in range(config.n_slots)]
+        self.slots: list[SlotState] = [SlotState(id=i, tokens=TokenArray(), checkpoints=[])
+                                       for i in range(config.n_slots)]
         self.ram: list[RamEntry] = []  # oldest first
         self._clock = 0
         self._next_task = 0
@@ -182,7 +282,7 @@ class CacheModel:
                user_starts: Sequence[int] = ()) -> Launch | None:
         """Admit a completion task as process_single_task + update_slots would; None = deferred."""
         cfg = self.config
-        tokens = list(tokens)
+        tokens = as_tokens(tokens)  # the model's own copy: slots and RAM entries share it from here
         log: list[str] = []
         sel = self._get_available_slot(tokens, id_slot, log)
         if sel is None:
@@ -210,7 +310,7 @@ class CacheModel:
         slot = self.slots[launch.slot_id]
         if not slot.is_processing or slot.id_task != launch.id_task:
             return  # already released (error, empty prompt) or a stale handle
-        slot.tokens = slot.tokens + list(generated[:-1])
+        slot.tokens = concat(slot.tokens, list(generated[:-1]))
         self._release(slot)
 
     def slot_snapshot(self) -> list[dict]:
@@ -222,7 +322,7 @@ class CacheModel:
 
     # ---- slot selection: get_available_slot ------------------------------------------------------
 
-    def _get_available_slot(self, tokens: list[int], id_slot: int, log: list[str]) -> _Selection | None:
+    def _get_available_slot(self, tokens: Sequence[int], id_slot: int, log: list[str]) -> _Selection | None:
         """Explicit id (wrapped modulo n_slots), else best LCP similarity > thold, else LRU.
 
         Deviation: for an explicit slot that is busy, llama-server first runs the RAM-cache update on
@@ -275,7 +375,7 @@ class CacheModel:
 
     # ---- host-RAM prompt cache: server_prompt_cache ---------------------------------------------
 
-    def _update_prompt_cache(self, slot: SlotState, tokens: list[int], log: list[str]) -> tuple[bool, bool]:
+    def _update_prompt_cache(self, slot: SlotState, tokens: Sequence[int], log: list[str]) -> tuple[bool, bool]:
         """get_available_slot's update: prompt_save, prompt_load (never fails here), update()."""
         log.append(_srv_line("I", "get_availabl", "updating prompt cache"))
         saved = self._prompt_save(slot, log)
@@ -295,7 +395,7 @@ class CacheModel:
             if self._prompt_save(slot, log):
                 self._ram_update(log)
             if cfg.kv_unified:  # [TAG_IDLE_SLOT_CLEAR]
-                slot.tokens, slot.checkpoints = [], []
+                slot.tokens, slot.checkpoints = TokenArray(), []
 
     def _prompt_save(self, slot: SlotState, log: list[str]) -> bool:
         """server_slot::prompt_save + server_prompt_cache::alloc; True if an entry was added."""
@@ -318,10 +418,11 @@ class CacheModel:
         while limit > 0 and self.ram and self._ram_size() + size > limit:
             log.append(_srv_line("W", "alloc", " - making room for prompt cache entry, removing oldest"))
             self.ram.pop(0)
-        self.ram.append(RamEntry(list(slot.tokens), list(slot.checkpoints), size))
+        tokens = slot.tokens if isinstance(slot.tokens, TokenArray) else as_tokens(slot.tokens)
+        self.ram.append(RamEntry(tokens, list(slot.checkpoints), size))
         return True
 
-    def _prompt_load(self, slot: SlotState, tokens: list[int], log: list[str]) -> bool:
+    def _prompt_load(self, slot: SlotState, tokens: Sequence[int], log: list[str]) -> bool:
         """server_prompt_cache::load: greedy scan, oldest first, for an entry beating the slot on both
         f_keep and f_sim; it moves into the slot with its checkpoints and leaves the cache."""
         lcp_b = common_prefix(slot.tokens, tokens)
@@ -343,7 +444,7 @@ class CacheModel:
             return False
         log.append(_srv_line("I", "load", f" - found better prompt with f_keep = {f_keep_b:.3f}, "
                              f"f_sim = {f_sim_b:.3f}"))
-        slot.tokens, slot.checkpoints = list(best.tokens), list(best.checkpoints)
+        slot.tokens, slot.checkpoints = best.tokens, list(best.checkpoints)
         self.ram = [e for e in self.ram if e is not best]
         return True
 
@@ -380,7 +481,7 @@ class CacheModel:
             return max(0, n_cached - self.config.swa_cells)
         return 0
 
-    def _start_prompt(self, slot: SlotState, launch: Launch, tokens: list[int], cache_prompt: bool,
+    def _start_prompt(self, slot: SlotState, launch: Launch, tokens: Sequence[int], cache_prompt: bool,
                       user_starts: Sequence[int]) -> None:
         cfg, log = self.config, launch.log
         n_tokens = len(tokens)
@@ -399,12 +500,12 @@ class CacheModel:
         n_past = self._compute_n_past(slot, launch, tokens, cache_prompt)
         launch.n_past, launch.prompt_n = n_past, n_tokens - n_past
         slot.n_prompt_tokens_cache, slot.n_prompt_tokens_processed = n_past, n_tokens - n_past
-        slot.tokens = slot.tokens[:n_past]  # keep_first(n_past)
+        slot.tokens = head(slot.tokens, n_past)  # keep_first(n_past)
         log.append(_slot_line("I", "operator()", slot.id, launch.id_task,
                               f"cached n_tokens = {n_past}, memory_seq_rm [{n_past}, end)"))
         self._process_prompt(slot, tokens, sorted(set(user_starts)), launch.id_task, log)
 
-    def _compute_n_past(self, slot: SlotState, launch: Launch, tokens: list[int], cache_prompt: bool) -> int:
+    def _compute_n_past(self, slot: SlotState, launch: Launch, tokens: Sequence[int], cache_prompt: bool) -> int:
         """§2.1: LCP, then the pos_min test that may restore a checkpoint or force a full reprocess,
         the erase of invalidated checkpoints, and "evaluate at least 1 token"."""
         cfg, log, tid = self.config, launch.log, launch.id_task
@@ -452,13 +553,13 @@ class CacheModel:
 
     # ---- prompt processing: batch filling and create_checkpoint (§2.4) ----------------------------
 
-    def _process_prompt(self, slot: SlotState, tokens: list[int], user_starts: list[int], id_task: int,
+    def _process_prompt(self, slot: SlotState, tokens: Sequence[int], user_starts: list[int], id_task: int,
                         log: list[str]) -> None:
         """Append the rest of the prompt batch by batch, creating the checkpoints update_slots would."""
         cfg = self.config
         n, n_tokens = len(slot.tokens), len(tokens)
         if not cfg.makes_checkpoints:
-            slot.tokens = list(tokens)
+            slot.tokens = tokens
             return
         last_user_pos = user_starts[-1] if user_starts else -1
         starts = set(user_starts)
@@ -472,7 +573,7 @@ class CacheModel:
             spaced = last is None or start == last_user_pos or near_end or start > last + cfg.checkpoint_min_step
             if keep and pos_min >= 0 and spaced:
                 self._create_checkpoint(slot, start, pos_min, id_task, log)
-        slot.tokens = list(tokens)
+        slot.tokens = tokens
 
     def _batch_end(self, slot: SlotState, start: int, n_tokens: int, user_starts: list[int],
                    last_user_pos: int) -> int:

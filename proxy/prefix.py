@@ -28,6 +28,7 @@ from bisect import bisect_left, insort
 from dataclasses import dataclass
 from typing import Collection, Iterator, Sequence
 
+from proxy.cachemodel import TOKEN_TYPECODE, TokenArray
 from proxy.cachemodel import common_prefix as _common_prefix
 
 __all__ = ["ROOT_KEY", "KeyedTokens", "PrefixIndex", "block_keys", "keyed", "lcp", "pack_tokens"]
@@ -36,7 +37,7 @@ ROOT_KEY = bytes(8)  # key_{-1}: the chain's fixed root (8 zero bytes)
 KEY_SIZE = 8         # blake2b digest_size: 64-bit keys, what Mooncake hash_ids hold
 _TOKEN_BYTES = 4     # each token id is a little-endian uint32
 _BIG_ENDIAN = sys.byteorder == "big"
-_TYPECODE = next(c for c in "IL" if array(c).itemsize == _TOKEN_BYTES)
+_TYPECODE = TOKEN_TYPECODE  # "I" (or "L" where that is 4 bytes): uint32
 # Children of one node sharing the winning LCP that are scanned for the most recent sequence. More
 # than this many different continuations tied at the same length (e.g. thousands of unrelated
 # prompts that all start with the same BOS token) only happens at the root; the LCP stays exact,
@@ -255,6 +256,17 @@ class PrefixIndex:
         if seq is None:
             return None
         return _unpack_tokens(b"".join(node.data for node in self._path(seq)[1:]))
+
+    def get_array(self, seq_id: str) -> array | None:
+        """`get` as a uint32 array (`proxy.cachemodel.TokenArray`: 4 bytes a token, no int objects)."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return None
+        tokens = TokenArray()
+        tokens.frombytes(b"".join(node.data for node in self._path(seq)[1:]))
+        if _BIG_ENDIAN:
+            tokens.byteswap()
+        return tokens
 
     def keys_of(self, seq_id: str) -> list[bytes] | None:
         """The block keys of `seq_id` (its Mooncake hash_ids); None if unknown or evicted."""

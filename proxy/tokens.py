@@ -18,7 +18,7 @@ What the upstream supports is probed once, lazily, and re-probed after failures 
 backoff (so a restarted or replaced upstream is picked up without hammering a dead one). Expensive
 answers are cached: prompts by a hash of the body minus the fields that cannot change the rendering,
 and tokenizations by a hash of the text (the proxy asks for the same text for limits, then analysis;
-agents resend identical bodies on retries). Caches are bounded by entries and by total tokens.
+agents resend identical bodies on retries). Caches are bounded by entries, by total tokens and by bytes.
 
 Nothing here raises: every failure becomes an `error` string. Thread-safe.
 """
@@ -31,6 +31,8 @@ import hashlib
 import itertools
 import json
 import logging
+import operator
+import sys
 import threading
 import time
 from array import array
@@ -41,6 +43,8 @@ from typing import Any, Literal
 
 import httpx
 import orjson
+
+from proxy.cachemodel import MIB, TOKEN_TYPECODE, TokenArray
 
 log = logging.getLogger("kvlens.tokens")
 
@@ -151,6 +155,11 @@ def text_key(text: str, add_special: bool) -> bytes:
                            person=b"add_special" if add_special else b"no_special").digest()
 
 
+_ID, _PIECE = operator.itemgetter("id"), operator.itemgetter("piece")
+_INT_ONLY = frozenset({int})
+_STR_ONLY = frozenset({str})
+
+
 def piece_offsets(text: str, pieces: Sequence[str | bytes | Sequence[int]]) -> list[int] | None:
     """Char offset in `text` where each token piece starts, or None when the pieces do not spell `text`.
 
@@ -170,6 +179,8 @@ def piece_offsets(text: str, pieces: Sequence[str | bytes | Sequence[int]]) -> l
 
 def _decode_pieces(pieces: Sequence[str | bytes | Sequence[int]]) -> list[str]:
     """Each piece's text; a piece inside a multi-byte character is "" until its last byte arrives."""
+    if set(map(type, pieces)) <= _STR_ONLY:  # the usual answer: nothing to decode
+        return list(pieces)  # type: ignore[arg-type]
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     chunks: list[str] = []
     pending = False
@@ -225,15 +236,55 @@ def single_prompt(prompt: Any) -> tuple[Any, str | None]:
 
 
 def is_token_list(value: Any) -> bool:
-    return isinstance(value, list) and all(type(t) is int for t in value)  # bool is not a token id
+    return isinstance(value, list) and set(map(type, value)) <= _INT_ONLY  # bool is not a token id
 
 
-def _compact(tokens: Sequence[int]) -> Sequence[int]:
-    """int32 array storage for cached tokens (8x smaller than a list of ints)."""
+def compact_tokens(tokens: Sequence[int]) -> Sequence[int]:
+    """uint32 array storage for cached tokens and offsets (9x smaller than a list of ints; the array
+    type `proxy.cachemodel` and `proxy.prefix` work on without conversion). An array of that type is
+    kept as is: cached arrays are shared, never changed in place. Ids that do not fit stay a list."""
+    if isinstance(tokens, array) and tokens.typecode == TOKEN_TYPECODE:
+        return tokens
     try:
-        return array("i", tokens)
+        return TokenArray(tokens)
     except (OverflowError, TypeError):
         return list(tokens)
+
+
+def _as_list(tokens: Sequence[int] | None) -> list[int] | None:
+    if tokens is None:
+        return None
+    return tokens.tolist() if isinstance(tokens, array) else list(tokens)
+
+
+def _copy(tokens: Sequence[int] | None) -> Sequence[int] | None:
+    """A caller's own copy of cached ids: an array stays an array (a memcpy), anything else a list."""
+    if tokens is None:
+        return None
+    return TokenArray(tokens) if isinstance(tokens, array) and tokens.typecode == TOKEN_TYPECODE else list(tokens)
+
+
+def _nbytes(value: Any) -> int:
+    """Memory held by cached tokens, offsets or text (a list: its pointers and its int objects)."""
+    if value is None:
+        return 0
+    if isinstance(value, list):
+        return sys.getsizeof(value) + 32 * len(value)
+    return sys.getsizeof(value)
+
+
+_EMPTY_STREAM = httpx.ByteStream(b"")
+
+
+def _unbind(response: httpx.Response) -> None:
+    """Break the reference cycle httpx leaves between a read response and its stream (httpx 0.28 binds
+    the stream to the response to time it), so that the response, its content (1.5 MB for a 50k-token
+    /tokenize answer with pieces) and its request (the payload) are freed when the call returns. With
+    the cycle they wait for a full garbage collection, which a process holding millions of objects
+    (the prefix index) runs rarely: ~5 MB a 50k-token request piled up (benchmarks/analysis_memory.py).
+    The content was read and the stream closed by then: the stream is never used again."""
+    if response.is_closed:
+        response.stream = _EMPTY_STREAM
 
 
 def _describe(exc: httpx.HTTPError, timeout: float) -> str:
@@ -306,31 +357,40 @@ class _Entry:
     def weight(self) -> int:
         return 1 + len(self.tokens or ())
 
-    def to_prompt(self) -> PromptTokens:
-        """Fresh lists every time: callers may mutate what they get without touching the cache."""
+    @property
+    def nbytes(self) -> int:
+        return 200 + _nbytes(self.tokens) + _nbytes(self.offsets) + _nbytes(self.rendered)
+
+    def to_prompt(self, compact: bool = False) -> PromptTokens:
+        """Fresh copies every time: callers may mutate what they get without touching the cache. Lists,
+        or with `compact` uint32 arrays (`proxy.cachemodel.TokenArray`: a copy costs a memcpy, where a
+        list of 50k ids costs 50k int objects)."""
+        copy_ = _copy if compact else _as_list
         return PromptTokens(
-            tokens=None if self.tokens is None else list(self.tokens),
+            tokens=copy_(self.tokens),
             source=self.source,
             rendered=self.rendered,
-            offsets=None if self.offsets is None else list(self.offsets),
+            offsets=copy_(self.offsets),
             error=self.error,
         )
 
 
 def _entry(tokens: Sequence[int] | None, source: str | None, rendered: str | None,
            offsets: Sequence[int] | None, error: str | None) -> _Entry:
-    return _Entry(None if tokens is None else _compact(tokens), source, rendered,
-                  None if offsets is None else _compact(offsets), error)
+    return _Entry(None if tokens is None else compact_tokens(tokens), source, rendered,
+                  None if offsets is None else compact_tokens(offsets), error)
 
 
 class LRU:
-    """A thread-safe LRU bounded by entry count and by total weight (tokens)."""
+    """A thread-safe LRU bounded by entry count, by total weight (tokens) and by total bytes."""
 
-    def __init__(self, max_entries: int, max_weight: int) -> None:
+    def __init__(self, max_entries: int, max_weight: int, max_bytes: int | None = None) -> None:
         self.max_entries = max(0, max_entries)
         self.max_weight = max(0, max_weight)
-        self._data: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
+        self.max_bytes = None if max_bytes is None else max(0, max_bytes)
+        self._data: OrderedDict[bytes, tuple[Any, int, int]] = OrderedDict()
         self._weight = 0
+        self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -345,23 +405,33 @@ class LRU:
             self.hits += 1
             return item[0]
 
-    def put(self, key: bytes, value: Any, weight: int) -> None:
-        if self.max_entries == 0 or weight > self.max_weight:
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, as given to `put`."""
+        return self._bytes
+
+    def put(self, key: bytes, value: Any, weight: int, nbytes: int = 0) -> None:
+        if self.max_entries == 0 or weight > self.max_weight or (self.max_bytes is not None and nbytes > self.max_bytes):
             return
         with self._lock:
             old = self._data.pop(key, None)
             if old is not None:
                 self._weight -= old[1]
-            self._data[key] = (value, weight)
+                self._bytes -= old[2]
+            self._data[key] = (value, weight, nbytes)
             self._weight += weight
-            while len(self._data) > self.max_entries or self._weight > self.max_weight:
-                _, (_, w) = self._data.popitem(last=False)
+            self._bytes += nbytes
+            while len(self._data) > self.max_entries or self._weight > self.max_weight or (
+                    self.max_bytes is not None and self._bytes > self.max_bytes):
+                _, (_, w, b) = self._data.popitem(last=False)
                 self._weight -= w
+                self._bytes -= b
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
             self._weight = 0
+            self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._data)
@@ -375,9 +445,10 @@ class Tokenizer:
 
     def __init__(self, upstream_url: str, *, timeout: float = 30.0, client: httpx.Client | None = None,
                  cache_size: int = 256, allow_approximate: bool = True, cache_tokens: int = 16_000_000,
-                 retry_interval: float = 30.0, headers: Mapping[str, str] | None = None,
+                 cache_mib: int = 48, retry_interval: float = 30.0, headers: Mapping[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        """`cache_tokens` bounds each cache's total tokens; `retry_interval` caps the backoff after
+        """`cache_tokens` bounds each cache's total tokens and `cache_mib` its memory (ids, offsets and
+        rendered text: ~0.8 MB for a 50k-token prompt); `retry_interval` caps the backoff after
         failures and spaces re-checks of a "none" upstream and of /props; `headers` go with every call
         (e.g. the upstream's API key); `clock` is for tests."""
         self.base_url = upstream_url.rstrip("/")
@@ -388,8 +459,8 @@ class Tokenizer:
         self._own_client = client is None
         self._client = client or httpx.Client(timeout=timeout, trust_env=False)
         self._clock = clock
-        self._prompts = LRU(cache_size, cache_tokens)
-        self._texts = LRU(cache_size, cache_tokens)
+        self._prompts = LRU(cache_size, cache_tokens, cache_mib * MIB)
+        self._texts = LRU(cache_size, cache_tokens, cache_mib * MIB)
         self._lock = threading.Lock()
         self._probe_lock = threading.Lock()
         self._capability = "unknown"
@@ -436,10 +507,11 @@ class Tokenizer:
             log.exception("tokenizer probe failed")
         return self._capability
 
-    def prompt(self, path: str, body: dict[str, Any]) -> PromptTokens:
-        """The prompt tokens of a completion request, as the upstream will see them."""
+    def prompt(self, path: str, body: dict[str, Any], *, compact: bool = False) -> PromptTokens:
+        """The prompt tokens of a completion request, as the upstream will see them. With `compact`, ids
+        and offsets come as uint32 arrays (`proxy.cachemodel.TokenArray`) when they fit, not lists."""
         try:
-            return self._prompt(path, body)
+            return self._prompt(path, body, compact)
         except Exception as exc:  # tokenizer failure never fails anything
             log.exception("prompt tokenization failed")
             return PromptTokens(None, None, None, None, f"tokenizer error: {type(exc).__name__}: {exc}")
@@ -488,22 +560,22 @@ class Tokenizer:
 
     # ---- prompts ----
 
-    def _prompt(self, path: str, body: Any) -> PromptTokens:
+    def _prompt(self, path: str, body: Any, compact: bool = False) -> PromptTokens:
         kind = request_kind(path)
         if kind is None or not isinstance(body, Mapping):
             return PromptTokens(None, None, None, None, NOT_COMPLETION)
         if kind == "anthropic":
             reason = "upstream token ids for /v1/messages are not supported"
-            return self._fallback("chat", anthropic_as_chat(body), reason).to_prompt()
+            return self._fallback("chat", anthropic_as_chat(body), reason).to_prompt(compact)
         key = body_key(kind, body)
         readiness = self._ready()  # first: a due re-probe may find another upstream and drop the cache
         cached = self._prompts.get(key)
         if cached is not None:
-            return cached.to_prompt()
+            return cached.to_prompt(compact)
         entry, cacheable = self._compute(kind, body, readiness)
         if cacheable:
-            self._prompts.put(key, entry, entry.weight)
-        return entry.to_prompt()
+            self._prompts.put(key, entry, entry.weight, entry.nbytes)
+        return entry.to_prompt(compact)
 
     def _compute(self, kind: RequestKind, body: Mapping[str, Any],
                  readiness: tuple[str, str]) -> tuple[_Entry, bool]:
@@ -580,10 +652,10 @@ class Tokenizer:
         try:
             if capability == "llama-server":
                 tokens, offsets = self._llama_tokenize(text, add_special=False)
-                return PromptTokens(tokens, "upstream", text, offsets, None)
+                return PromptTokens(_as_list(tokens), "upstream", text, _as_list(offsets), None)
             if capability == "vllm":
                 tokens, offsets = self._vllm_tokenize(text, add_special=False, model=self._vllm_model)
-                return PromptTokens(tokens, "upstream", text, offsets, None)
+                return PromptTokens(_as_list(tokens), "upstream", text, None, None)
         except UpstreamError as exc:
             self._note_failure(exc)
             reason = exc.message
@@ -594,17 +666,21 @@ class Tokenizer:
 
     # ---- upstream tokenization (cached by text) ----
 
-    def _llama_tokenize(self, text: str, *, add_special: bool) -> tuple[list[int], list[int] | None]:
+    def _llama_tokenize(self, text: str, *, add_special: bool) -> tuple[Sequence[int], Sequence[int] | None]:
+        """Ids and offsets, compacted (`compact_tokens`) and shared with the cache: never to be changed in place."""
         key = b"llama" + text_key(text, add_special)
         cached = self._texts.get(key)
         if cached is not None:
-            return list(cached[0]), None if cached[1] is None else list(cached[1])
+            return cached
         data = self._post("/tokenize", {"content": text, "add_special": add_special, "parse_special": True,
                                         "with_pieces": True})
         items = data.get("tokens") if isinstance(data, Mapping) else None
         try:
-            tokens = [t["id"] for t in items]  # type: ignore[union-attr]
-            pieces = [t.get("piece", "") for t in items]  # type: ignore[union-attr]
+            tokens = list(map(_ID, items))  # type: ignore[arg-type]
+            try:
+                pieces = list(map(_PIECE, items))  # type: ignore[arg-type]
+            except KeyError:  # a token without its piece
+                pieces = [t.get("piece", "") for t in items]  # type: ignore[union-attr]
         except (TypeError, KeyError, AttributeError):
             raise UpstreamError("upstream /tokenize: not llama-server's with_pieces answer", 200) from None
         if not is_token_list(tokens):
@@ -613,19 +689,21 @@ class Tokenizer:
             offsets = piece_offsets(text, pieces)
         except (TypeError, ValueError):  # pieces that are neither strings nor byte lists
             offsets = None
-        self._texts.put(key, (_compact(tokens), None if offsets is None else _compact(offsets)), 1 + len(tokens))
-        return tokens, offsets
+        result = (compact_tokens(tokens), None if offsets is None else compact_tokens(offsets))
+        self._texts.put(key, result, 1 + len(tokens), 100 + _nbytes(result[0]) + _nbytes(result[1]))
+        return result
 
-    def _vllm_tokenize(self, text: str, *, add_special: bool, model: Any) -> tuple[list[int], None]:
+    def _vllm_tokenize(self, text: str, *, add_special: bool, model: Any) -> tuple[Sequence[int], None]:
+        """Ids, compacted and shared with the cache (see _llama_tokenize)."""
         key = b"vllm" + text_key(text, add_special) + str(model).encode()
         cached = self._texts.get(key)
         if cached is not None:
-            return list(cached[0]), None
+            return cached[0], None
         payload: dict[str, Any] = {"prompt": text, "add_special_tokens": add_special}
         if isinstance(model, str):
             payload["model"] = model
-        tokens = self._ids(self._post("/tokenize", payload), "/tokenize")
-        self._texts.put(key, (_compact(tokens), None), 1 + len(tokens))
+        tokens = compact_tokens(self._ids(self._post("/tokenize", payload), "/tokenize"))
+        self._texts.put(key, (tokens, None), 1 + len(tokens), 100 + _nbytes(tokens))
         return tokens, None
 
     @staticmethod
@@ -649,6 +727,7 @@ class Tokenizer:
                                             timeout=self.timeout)
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream {endpoint}: {_describe(exc, self.timeout)}") from None
+        _unbind(response)
         if response.status_code != 200:
             message = _server_message(response)
             missing = response.status_code in (404, 405) and message.lower().rstrip(".") in ROUTE_MISSING

@@ -9,6 +9,7 @@ its predecessor, and the analyzer keeps the recent Turns of each conversation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,16 +30,17 @@ class Turn:
     exchange: Exchange
     body: dict[str, Any] | None
     """The parsed JSON request body (None when it is not a JSON object)."""
-    tokens: list[int] | None = None
-    """Prompt token ids as the server sees them (None when no tokenizer could say)."""
+    tokens: Sequence[int] | None = None
+    """Prompt token ids as the server sees them (None when no tokenizer could say). The analyzer keeps
+    them as a uint32 array (`proxy.cachemodel.TokenArray`, 4 bytes a token), never changed in place."""
     tokens_source: str | None = None
     """"upstream" (the server's own tokenizer) | "approximate" (kvlens' local rendering) | None."""
     tokens_error: str | None = None
     rendered: str | None = None
     """The prompt text after the chat template, when known."""
-    token_offsets: list[int] | None = None
+    token_offsets: Sequence[int] | None = None
     """Character offset in `rendered` where each token starts (same length as `tokens`), when known."""
-    held: list[int] | None = None
+    held: Sequence[int] | None = None
     """What the server's slot holds after this request: tokens + generated tokens[:-1]."""
     kind: str = KIND_MAIN
     """KIND_* above."""
