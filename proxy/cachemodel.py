@@ -23,7 +23,7 @@ import bisect
 import itertools
 from array import array
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 MemoryKind = Literal["plain", "swa", "hybrid"]
 
@@ -138,7 +138,13 @@ def _array_prefix(a: array, b: array) -> int:
         if hi == n:
             return n
         lo, step = hi, step * 2
-    while hi - lo > 1:  # the first difference is in [lo, hi)
+    return first_difference(a, b, lo, hi)
+
+
+def first_difference(a: Any, b: Any, lo: int, hi: int) -> int:
+    """Where two sliceable sequences first differ, given a[:lo] == b[:lo] and a[:hi] != b[:hi]: bisection
+    over slice compares, which run at C speed on arrays and bytes."""
+    while hi - lo > 1:
         mid = (lo + hi) // 2
         if a[lo:mid] == b[lo:mid]:
             lo = mid

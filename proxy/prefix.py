@@ -28,7 +28,7 @@ from bisect import bisect_left, insort
 from dataclasses import dataclass
 from typing import Collection, Iterator, Sequence
 
-from proxy.cachemodel import TOKEN_TYPECODE, TokenArray
+from proxy.cachemodel import TOKEN_TYPECODE, TokenArray, first_difference
 from proxy.cachemodel import common_prefix as _common_prefix
 
 __all__ = ["ROOT_KEY", "KeyedTokens", "PrefixIndex", "block_keys", "keyed", "lcp", "pack_tokens"]
@@ -139,14 +139,7 @@ def _byte_lcp(a: bytes, b: bytes) -> int:
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n
-    lo, hi = 0, n  # invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return first_difference(a, b, 0, n)
 
 
 _Recent = tuple[int, str]  # (insertion order, seq_id): the larger order is the more recent
