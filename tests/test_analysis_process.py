@@ -187,7 +187,7 @@ def test_close_with_a_backlog_stores_every_record(tmp_path: Path) -> None:
     n = 400
     try:
         for i in range(n):
-            body = {"messages": [{"role": "user", "content": f"request {i} " + "lorem ipsum dolor " * 800}]}
+            body = {"messages": [{"role": "user", "content": f"request {i} " + "lorem ipsum dolor " * 3000}]}
             analysis.submit(Exchange(method="POST", path=CHAT, status=200, request_body=orjson.dumps(body),
                                      session=f"s{i % 7}"))  # fmt: skip
         analysis.close(timeout=1.0)
@@ -198,5 +198,7 @@ def test_close_with_a_backlog_stores_every_record(tmp_path: Path) -> None:
     assert len(stored) == n and analysis.pending == 0
     errors = [x.analysis.get("error") for x in stored if x.analysis]
     analysed = [x for x in stored if x.analysis and x.analysis.get("prompt_tokens")]
-    assert analysed and SKIPPED_SHUTDOWN in errors, (len(analysed), set(errors))
+    # How many were analysed before the deadline depends on the machine's load; that every record is
+    # there, analysed or marked, and that the hurry path ran, does not.
+    assert SKIPPED_SHUTDOWN in errors, (len(analysed), set(errors))
     assert len(analysed) + errors.count(SKIPPED_SHUTDOWN) == n
