@@ -237,8 +237,7 @@ class _Relay:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                self.client_gone.set()
-                self._cancel_owner()
+                self._client_left()
                 return
             chunk = message.get("body", b"")
             self._note_request_chunk(chunk)
@@ -262,9 +261,13 @@ class _Relay:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                self.client_gone.set()
-                self._cancel_owner()
+                self._client_left()
                 return
+
+    def _client_left(self) -> None:
+        """The client disconnected: mark it, and cancel the relay so the upstream request is closed."""
+        self.client_gone.set()
+        self._cancel_owner()
 
     def _cancel_owner(self) -> None:
         if self._owner is not None and not self._owner.done():

@@ -29,8 +29,7 @@ import httpx
 import orjson
 import pytest
 
-from proxy.app import KvlensApp, create_app, uvicorn_options
-from proxy.config import load_settings
+from proxy.app import KvlensApp
 from proxy.emulator import UVICORN_OPTIONS, EmulatorSettings, create_app as create_emulator
 from proxy.store import SQLiteStore
 from tests.servers import free_port, serve_in_thread
@@ -395,17 +394,8 @@ async def _gather(coros: Any) -> None:
 FAST_STORE = {"flush_interval": 0.01, "busy_timeout": 0.05, "retry_initial": 0.02, "retry_max": 0.1}
 
 
-@contextlib.contextmanager
-def kvlens_with_store(upstream: str, store: SQLiteStore) -> Iterator[tuple[str, KvlensApp]]:
-    settings = load_settings(environ={}, overrides={"upstream_url": upstream, "listen": f"127.0.0.1:{free_port()}"})
-    app = create_app(settings, store=store)
-    opts = uvicorn_options(settings)
-    opts.pop("host")
-    try:
-        with serve_in_thread(app, **opts) as url:
-            yield url, app
-    finally:
-        store.close()
+def kvlens_with_store(upstream: str, store: SQLiteStore) -> contextlib.AbstractContextManager[tuple[str, KvlensApp]]:
+    return kvlens(upstream, store)
 
 
 def _metric(url: str, name: str) -> float:

@@ -22,13 +22,14 @@ from tests.upstreams import SAMPLES, ScriptedUpstream, garbage_server, recorded_
 
 
 @contextlib.contextmanager
-def kvlens(upstream_url: str, db: Path, **overrides: Any) -> Iterator[tuple[str, KvlensApp]]:
-    """kvlens on a free port in front of `upstream_url`; yields its URL and the app (store, flush)."""
+def kvlens(upstream_url: str, db: Path | SQLiteStore, **overrides: Any) -> Iterator[tuple[str, KvlensApp]]:
+    """kvlens on a free port in front of `upstream_url`; yields its URL and the app (store, flush).
+    `db` is the SQLite file, or a store already open (closed here at the end either way)."""
     port = free_port()
     settings = load_settings(
         environ={}, overrides={"upstream_url": upstream_url, "listen": f"127.0.0.1:{port}", **overrides}
     )
-    store = SQLiteStore(db)
+    store = db if isinstance(db, SQLiteStore) else SQLiteStore(db)
     app = create_app(settings, store=store)
     opts = uvicorn_options(settings)
     opts.pop("host")
